@@ -1,0 +1,159 @@
+"""Small shared helpers: backend resolution, the compiled extension, input checks."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+@functools.cache
+def extension():
+    """The compiled extension ``s2dc_kernels._C`` (registers ``torch.ops.s2dc_C``), or None."""
+    try:
+        from s2dc_kernels import _C
+    except ImportError as err:
+        warnings.warn(
+            f"s2dc_kernels: the compiled extension is not available ({err}); "
+            "the 'cpp' and 'cuda' backends are off, the PyTorch and Triton paths still work.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _C
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable_reason(backend: str, device: torch.device | None) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here (None when it can)."""
+    dev = None if device is None else device.type
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if dev == "cpu" and not triton_interpret():
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before the first import)"
+        if dev not in (None, "cpu", "cuda"):
+            return f"Triton does not run on {dev} tensors"
+        if dev == "cuda" and triton_interpret():
+            return "TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA tensors"
+        return None
+    ext = extension()
+    if ext is None:
+        return "the compiled extension s2dc_kernels._C is not built"
+    if backend == "cpp":
+        return None if dev in (None, "cpu") else f"the 'cpp' backend runs on CPU tensors, got {dev}"
+    if backend == "cuda":
+        if not ext.with_cuda():
+            return "the extension was built without CUDA (see README: building with CUDA)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None if dev in (None, "cuda") else f"the 'cuda' backend runs on CUDA tensors, got {dev}"
+    raise AssertionError(backend)
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run here: ``{"torch": True, "cpp": ..., "triton": ..., "cuda": ...}``.
+
+    "triton" is True on a CPU-only machine only under TRITON_INTERPRET=1.
+    """
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    out = {}
+    for name in BACKENDS[1:]:
+        dev = torch.device("cpu") if name == "cpp" else device
+        out[name] = _unavailable_reason(name, dev) is None
+    return out
+
+
+@torch.compiler.assume_constant_result  # environment probing: a constant for torch.compile
+def resolve_backend(backend: str, *, op: str, device: torch.device, supported: Sequence[str]) -> str:
+    """Turn the ``backend`` argument of ``op`` into the backend that runs it on ``device``.
+
+    "auto" takes ``S2DC_BACKEND`` when set and ``op`` implements it, else the fastest
+    available of ``supported`` (cuda > triton > torch on GPUs, cpp > torch on CPUs).
+    An unknown name is a ValueError; a backend that cannot run here is a RuntimeError.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("S2DC_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"S2DC_BACKEND must be one of {BACKENDS}, got {env!r}")
+        if env != "auto" and env in supported:
+            backend = env
+        else:
+            order = _AUTO_ORDER.get(device.type, ("torch",))
+            return next(b for b in order if b in supported and _unavailable_reason(b, device) is None)
+    if backend not in supported:
+        raise ValueError(f"backend={backend!r} does not implement {op}; {op} runs on {tuple(supported)}")
+    reason = _unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is unavailable for {op}: {reason}")
+    return backend
+
+
+def check_values() -> bool:
+    """Whether to scan inputs for NaN/inf (not while torch.compile traces, nor with S2DC_CHECK_VALUES=0)."""
+    return os.environ.get("S2DC_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, t: object, ndims: Sequence[int], *, finite: bool = True) -> torch.Tensor:
+    """Check that ``t`` is a floating tensor with one of ``ndims`` dimensions and (by default) finite."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() not in ndims:
+        want = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+    if finite and check_values() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """The common device of the given tensors (None entries skipped), else a ValueError naming them."""
+    named = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in named.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in named.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return devices.pop()
+
+
+def check_positive(name: str, value: float) -> float:
+    """Check a positive finite real (eps, temperature)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """Check an int in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Check one of a fixed set of strings."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
