@@ -1,0 +1,468 @@
+"""Similarity ops (cosine similarity, k-NN, neighbourhood consistency) against independent float64 formulas.
+
+The public functions and the pure-PyTorch references are both checked against NumPy formulas and
+explicit loops; gradients by finite differences (gradcheck); every bad input for the error it raises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import s2dc_kernels.reference.similarity as reference
+import s2dc_kernels.similarity as public
+
+IMPLEMENTATIONS = [pytest.param(public, id="public"), pytest.param(reference, id="reference")]
+METRICS = ("cosine", "dot", "l2")
+# (x shape, y shape): odd sizes, a single-problem batch, an unbatched pair.
+PAIR_SHAPES = [((5, 7, 13), (5, 9, 13)), ((1, 9, 3), (1, 9, 3)), ((11, 6), (8, 6))]
+TOLERANCES = {torch.float64: {"atol": 1e-12, "rtol": 1e-10}, torch.float32: {"atol": 1e-5, "rtol": 1e-5}}
+
+
+def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------- independent NumPy formulas (float64)
+def np_unit(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+def np_scores(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """(…, N, M) cosine similarity, dot product or Euclidean distance, computed in float64 NumPy."""
+    xa, ya = x.detach().double().numpy(), y.detach().double().numpy()
+    if metric == "cosine":
+        out = np_unit(xa) @ np.swapaxes(np_unit(ya), -1, -2)
+    elif metric == "dot":
+        out = xa @ np.swapaxes(ya, -1, -2)
+    else:
+        out = np.sqrt(((xa[..., :, None, :] - ya[..., None, :, :]) ** 2).sum(-1))
+    return torch.from_numpy(out)
+
+
+def naive_neighborhood_consistency(student, teacher, k, tau_s, tau_t, mask=None) -> float:
+    """L_nc by explicit loops over problems, anchors and candidate neighbours."""
+    s, t = student.detach().double().numpy(), teacher.detach().double().numpy()
+    m = np.ones(s.shape[:-1], dtype=bool) if mask is None else mask.numpy()
+    if s.ndim == 2:
+        s, t, m = s[None], t[None], m[None]
+
+    def cos(a, b):
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    def log_softmax(v):
+        v = np.asarray(v) - max(v)
+        return v - np.log(np.exp(v).sum())
+
+    kls = []
+    for b in range(s.shape[0]):
+        valid = [int(i) for i in np.flatnonzero(m[b])]
+        for i in valid:
+            others = [j for j in valid if j != i]
+            others.sort(key=lambda j: -cos(t[b, i], t[b, j]))
+            neighbours = others[:k]
+            log_p = log_softmax([cos(t[b, i], t[b, j]) / tau_t for j in neighbours])
+            log_q = log_softmax([cos(s[b, i], s[b, j]) / tau_s for j in neighbours])
+            kls.append(float((np.exp(log_p) * (log_p - log_q)).sum()))
+    return float(np.mean(kls)) if kls else 0.0
+
+
+def random_mask(shape: tuple[int, ...], min_valid: int, seed: int) -> torch.Tensor:
+    """Random bool mask with about 70% True and at least ``min_valid`` True per problem (last dim)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=g) < 0.7
+    mask[..., :min_valid] = True
+    perm = torch.randperm(shape[-1], generator=g)
+    return mask[..., perm]
+
+
+# ---------------------------------------------------------------- cosine similarity
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shapes", PAIR_SHAPES)
+@pytest.mark.parametrize("self_similarity", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.07])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cosine_similarity_matches_numpy(impl, shapes, self_similarity, temperature, dtype):
+    x = randn(*shapes[0], seed=1, dtype=dtype)
+    y = None if self_similarity else randn(*shapes[1], seed=2, dtype=dtype)
+    out = impl.cosine_similarity(x, y, temperature=temperature)
+    expected = np_scores(x, x if y is None else y, "cosine") / temperature
+    assert out.dtype == dtype
+    assert_close(out.double(), expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_cosine_similarity_zero_row_scores_zero(impl):
+    x = randn(2, 4, 5, seed=3)
+    x[1, 2] = 0.0
+    out = impl.cosine_similarity(x)
+    assert torch.isfinite(out).all()
+    assert (out[1, 2] == 0).all() and (out[1, :, 2] == 0).all()
+    assert (out[0].diagonal() - 1).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_cosine_similarity_tiny_rows_are_normalised(impl):
+    x = randn(4, 6, seed=33)
+    tiny = torch.cat([x[:2] * 1e-9, x[2:]])  # norms ~1e-9, far above the 1e-12 clamp
+    assert_close(impl.cosine_similarity(tiny), impl.cosine_similarity(x))
+
+
+# ---------------------------------------------------------------- k-NN
+def check_knn(values, indices, scores, k, metric, exclude_self, tol):
+    """values equal torch.topk of the full float64 score matrix; indices point to entries of equal score."""
+    n, m = scores.shape[-2:]
+    largest = metric != "l2"
+    if exclude_self:
+        diagonal = torch.eye(n, m, dtype=torch.bool)
+        scores = scores.masked_fill(diagonal, float("-inf") if largest else float("inf"))
+    assert values.shape == indices.shape == scores.shape[:-1] + (k,)
+    assert indices.dtype == torch.int64
+    assert ((indices >= 0) & (indices < m)).all()
+    assert_close(values.double(), scores.topk(k, dim=-1, largest=largest).values, **tol)
+    assert_close(scores.gather(-1, indices), values.double(), **tol)
+    sorted_indices = indices.sort(dim=-1).values
+    assert (sorted_indices[..., 1:] != sorted_indices[..., :-1]).all(), "a neighbour is returned twice"
+    if exclude_self:
+        assert (indices != torch.arange(n)[:, None]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shapes", PAIR_SHAPES)
+@pytest.mark.parametrize("k", [1, 4, "all"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_against_full_matrix(impl, metric, shapes, k, dtype):
+    x, y = randn(*shapes[0], seed=4, dtype=dtype), randn(*shapes[1], seed=5, dtype=dtype)
+    k = shapes[1][-2] if k == "all" else k
+    values, indices = impl.knn(x, y, k=k, metric=metric)
+    assert values.dtype == dtype
+    check_knn(values, indices, np_scores(x, y, metric), k, metric, False, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", [(5, 7, 13), (1, 9, 3), (11, 6)])
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("pass_y", [False, True])
+def test_knn_self_search(impl, metric, shape, exclude_self, pass_y):
+    x = randn(*shape, seed=6)
+    k = shape[-2] - 1 if exclude_self else 3
+    values, indices = impl.knn(
+        x, x.clone() if pass_y else None, k=k, metric=metric, exclude_self=exclude_self
+    )
+    check_knn(values, indices, np_scores(x, x, metric), k, metric, exclude_self, TOLERANCES[torch.float64])
+    if not exclude_self and metric != "dot":  # each row is its own nearest neighbour
+        assert (indices[..., 0] == torch.arange(shape[-2])).all()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_ties_point_to_equal_scores(impl, metric):
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)
+    y = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]], dtype=torch.float64)
+    values, indices = impl.knn(x, y, k=4, metric=metric)
+    check_knn(values, indices, np_scores(x, y, metric), 4, metric, False, TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_knn_l2_exact_far_from_origin(impl):
+    # A tight cluster far from 0: |x|^2 + |y|^2 - 2 x.y would cancel away the fp32 digits of the distances.
+    x = 100 + 0.01 * randn(2, 40, 8, seed=34, dtype=torch.float32)
+    values, indices = impl.knn(x, k=5, metric="l2", exclude_self=True)
+    check_knn(values, indices, np_scores(x, x, "l2"), 5, "l2", True, {"atol": 1e-5, "rtol": 1e-4})
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("batched", [True, False])
+def test_cosine_similarity_gradcheck(impl, batched):
+    lead = (2,) if batched else ()
+    x = randn(*lead, 4, 3, seed=7).requires_grad_()
+    y = randn(*lead, 5, 3, seed=8).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: impl.cosine_similarity(a, b, temperature=0.5), (x, y))
+    assert torch.autograd.gradcheck(lambda a: impl.cosine_similarity(a, temperature=0.5), (x,))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("batched", [True, False])
+def test_knn_gradcheck(impl, metric, batched):
+    lead = (2,) if batched else ()
+    x = randn(*lead, 4, 3, seed=9).requires_grad_()
+    y = randn(*lead, 6, 3, seed=10).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: impl.knn(a, b, k=3, metric=metric)[0], (x, y))
+    # Self search: with the self pair (l2 distance 0) and without it.
+    assert torch.autograd.gradcheck(lambda a: impl.knn(a, k=2, metric=metric)[0], (x,))
+    assert torch.autograd.gradcheck(lambda a: impl.knn(a, k=2, metric=metric, exclude_self=True)[0], (x,))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_knn_l2_gradient_at_zero_distance(impl):
+    x = randn(2, 3, 4, seed=11).requires_grad_()
+    y = randn(2, 5, 4, seed=12)
+    y[0, 2] = x[0, 1].detach()  # distance exactly 0 for the pair (x[0, 1], y[0, 2])
+    y.requires_grad_()
+    values, indices = impl.knn(x, y, k=2, metric="l2")
+    assert values[0, 1, 0] == 0 and indices[0, 1, 0] == 2
+    values.sum().backward()
+    # d|x_i - y_j| / dx_i = (x_i - y_j) / |x_i - y_j| summed over the chosen pairs, 0 at distance 0.
+    xa, ya = x.detach().numpy(), y.detach().numpy()
+    grad_x, grad_y = np.zeros_like(xa), np.zeros_like(ya)
+    for b, i, slot in np.ndindex(*indices.shape):
+        j = int(indices[b, i, slot])
+        diff = xa[b, i] - ya[b, j]
+        dist = np.linalg.norm(diff)
+        if dist > 0:
+            grad_x[b, i] += diff / dist
+            grad_y[b, j] -= diff / dist
+    assert_close(x.grad, torch.from_numpy(grad_x))
+    assert_close(y.grad, torch.from_numpy(grad_y))
+
+
+# ---------------------------------------------------------------- neighbourhood consistency
+NC_CASES = [((5, 12, 13), 3), ((1, 9, 3), 8), ((11, 6), 4)]  # (shape, k); k = N - 1 for (1, 9, 3)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape, k", NC_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_neighborhood_consistency_matches_loop(impl, shape, k, masked, dtype):
+    student, teacher = randn(*shape, seed=13, dtype=dtype), randn(*shape, seed=14, dtype=dtype)
+    mask = random_mask(shape[:-1], k + 1, seed=15) if masked else None
+    if masked:
+        k = min(k, int(mask.sum(-1).min()) - 1)
+    loss = impl.neighborhood_consistency(student, teacher, k=k, tau_s=0.1, tau_t=0.04, mask=mask)
+    expected = naive_neighborhood_consistency(student, teacher, k, 0.1, 0.04, mask)
+    assert loss.dim() == 0 and loss.dtype == dtype
+    assert expected > 1e-3
+    assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_neighborhood_consistency_ignores_masked_patches(impl):
+    student, teacher = randn(3, 10, 5, seed=16), randn(3, 10, 5, seed=17)
+    mask = random_mask((3, 10), 6, seed=18)
+    loss = impl.neighborhood_consistency(student, teacher, k=4, mask=mask)
+    student2, teacher2 = student.clone(), teacher.clone()
+    student2[~mask] = randn(int((~mask).sum()), 5, seed=19)
+    teacher2[~mask] = randn(int((~mask).sum()), 5, seed=20)
+    assert_close(impl.neighborhood_consistency(student2, teacher2, k=4, mask=mask), loss)
+    assert not torch.allclose(impl.neighborhood_consistency(student2, teacher2, k=4), loss)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_neighborhood_consistency_gradient_reaches_student_only(impl, masked):
+    student = randn(2, 9, 4, seed=21).requires_grad_()
+    teacher = randn(2, 9, 4, seed=22).requires_grad_()
+    mask = random_mask((2, 9), 5, seed=23) if masked else torch.ones(2, 9, dtype=torch.bool)
+    impl.neighborhood_consistency(student, teacher, k=3, mask=mask if masked else None).backward()
+    assert teacher.grad is None
+    assert torch.isfinite(student.grad).all()
+    assert (student.grad[mask].norm(dim=-1) > 0).all()
+    assert (student.grad[~mask] == 0).all()  # invalid patches are neither anchors nor neighbours
+    assert torch.autograd.gradcheck(
+        lambda s: impl.neighborhood_consistency(s, teacher, k=3, mask=mask if masked else None),
+        (student.detach().requires_grad_(),),
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_neighborhood_consistency_zero_when_student_is_teacher(impl, masked):
+    features = randn(3, 10, 6, seed=24)
+    mask = random_mask((3, 10), 5, seed=25) if masked else None
+    same = impl.neighborhood_consistency(features, features.clone(), k=4, tau_s=0.07, tau_t=0.07, mask=mask)
+    assert abs(float(same)) < 1e-12
+    sharper_teacher = impl.neighborhood_consistency(features, features, k=4, tau_s=0.1, tau_t=0.04, mask=mask)
+    assert float(sharper_teacher) > 1e-3
+
+
+# ---------------------------------------------------------------- empty batches, non-contiguous inputs
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_empty_batch(impl):
+    x = randn(0, 4, 3).requires_grad_()
+    y = randn(0, 5, 3)
+    assert impl.cosine_similarity(x, y).shape == (0, 4, 5)
+    for metric in METRICS:
+        values, indices = impl.knn(x, y, k=2, metric=metric)
+        assert values.shape == indices.shape == (0, 4, 2) and indices.dtype == torch.int64
+    loss = impl.neighborhood_consistency(x, x.detach(), k=3)
+    assert loss.dim() == 0 and float(loss.detach()) == 0.0
+    loss.backward()
+    assert x.grad.shape == x.shape
+    masked = impl.neighborhood_consistency(x, x.detach(), k=3, mask=torch.zeros(0, 4, dtype=torch.bool))
+    assert float(masked.detach()) == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_non_contiguous_inputs(impl):
+    x = randn(3, 13, 7, seed=26).transpose(1, 2)  # (3, 7, 13), strided
+    y = randn(3, 18, 13, seed=27)[:, ::2]  # (3, 9, 13), strided
+    mask = random_mask((3, 14), 6, seed=28)[:, ::2]  # (3, 7), strided
+    assert not (x.is_contiguous() or y.is_contiguous() or mask.is_contiguous())
+    xc, yc, maskc = x.contiguous(), y.contiguous(), mask.contiguous()
+    assert_close(impl.cosine_similarity(x, y), impl.cosine_similarity(xc, yc))
+    for metric in METRICS:
+        values, indices = impl.knn(x, y, k=4, metric=metric)
+        expected_values, expected_indices = impl.knn(xc, yc, k=4, metric=metric)
+        assert_close(values, expected_values)
+        assert torch.equal(indices, expected_indices)
+    k = int(mask.sum(-1).min()) - 1
+    assert_close(
+        impl.neighborhood_consistency(x, y[:, :7], k=k, mask=mask),
+        impl.neighborhood_consistency(xc, yc[:, :7].contiguous(), k=k, mask=maskc),
+    )
+    assert_close(
+        impl.neighborhood_consistency(x, y[:, :7], k=k, mask=mask),
+        torch.tensor(naive_neighborhood_consistency(x, y[:, :7], k, 0.1, 0.04, mask), dtype=torch.float64),
+    )
+
+
+# ---------------------------------------------------------------- input validation (public functions)
+X, Y = randn(2, 5, 3, seed=29), randn(2, 6, 3, seed=30)
+S, T = randn(2, 6, 4, seed=31), randn(2, 6, 4, seed=32)
+NAN_X, INF_T = X.clone(), T.clone()
+NAN_X[1, 2, 0] = float("nan")
+INF_T[0, 0, 1] = float("inf")
+MASK = torch.ones(2, 6, dtype=torch.bool)
+SPARSE_MASK = MASK.clone()
+SPARSE_MASK[1, :3] = False  # 3 valid patches in problem 1: k <= 2
+
+BAD_INPUTS = {
+    # cosine_similarity
+    "cos x list": (lambda: public.cosine_similarity([[1.0]]), TypeError, "x must be a torch.Tensor"),
+    "cos x int": (lambda: public.cosine_similarity(X.long()), TypeError, "x must be a floating"),
+    "cos y int": (lambda: public.cosine_similarity(X, Y.int()), TypeError, "y must be a floating"),
+    "cos x rank 1": (lambda: public.cosine_similarity(X[0, 0]), ValueError, "x must have 2 or 3 dimensions"),
+    "cos x rank 4": (lambda: public.cosine_similarity(X[None]), ValueError, "x must have 2 or 3 dimensions"),
+    "cos y rank": (lambda: public.cosine_similarity(X, Y[0]), ValueError, "y must have 3 dimensions"),
+    "cos feature dim": (lambda: public.cosine_similarity(X, Y[..., :2]), ValueError, "feature dimension"),
+    "cos batch": (lambda: public.cosine_similarity(X, Y[:1]), ValueError, "y must have the batch size of x"),
+    "cos dtype": (lambda: public.cosine_similarity(X, Y.float()), ValueError, "same dtype"),
+    "cos x nan": (lambda: public.cosine_similarity(NAN_X, Y), ValueError, "x contains NaN or inf"),
+    "cos y inf": (lambda: public.cosine_similarity(X, INF_T[..., :3]), ValueError, "y contains NaN or inf"),
+    "cos temperature 0": (lambda: public.cosine_similarity(X, temperature=0.0), ValueError, "temperature"),
+    "cos temperature <0": (lambda: public.cosine_similarity(X, temperature=-1.0), ValueError, "temperature"),
+    "cos temperature str": (lambda: public.cosine_similarity(X, temperature="1"), TypeError, "temperature"),
+    # knn
+    "knn x int": (lambda: public.knn(X.int(), k=1), TypeError, "x must be a floating"),
+    "knn x rank": (lambda: public.knn(X[0, 0], k=1), ValueError, "x must have 2 or 3 dimensions"),
+    "knn y rank": (lambda: public.knn(X, Y[0], k=1), ValueError, "y must have 3 dimensions"),
+    "knn feature dim": (lambda: public.knn(X, Y[..., :2], k=1), ValueError, "feature dimension"),
+    "knn batch": (lambda: public.knn(X, Y[:1], k=1), ValueError, "batch size"),
+    "knn x nan": (lambda: public.knn(NAN_X, k=1), ValueError, "x contains NaN"),
+    "knn k 0": (lambda: public.knn(X, Y, k=0), ValueError, "k must be >= 1"),
+    "knn k > M": (lambda: public.knn(X, Y, k=7), ValueError, r"k must be at most .*M = 6"),
+    "knn k = N with exclude_self": (
+        lambda: public.knn(X, k=5, exclude_self=True),
+        ValueError,
+        r"k must be at most .*M - 1 = 4",
+    ),
+    "knn k float": (lambda: public.knn(X, k=2.0), TypeError, "k must be an int"),
+    "knn k bool": (lambda: public.knn(X, k=True), TypeError, "k must be an int"),
+    "knn metric": (lambda: public.knn(X, k=1, metric="euclid"), ValueError, "metric must be one of"),
+    "knn exclude_self rows": (
+        lambda: public.knn(X, Y, k=1, exclude_self=True),
+        ValueError,
+        "exclude_self=True needs y with as many rows as x",
+    ),
+    "knn exclude_self type": (lambda: public.knn(X, k=1, exclude_self=1), TypeError, "exclude_self"),
+    # neighborhood_consistency
+    "nc student list": (lambda: public.neighborhood_consistency([1.0], T), TypeError, "student must be"),
+    "nc student int": (lambda: public.neighborhood_consistency(S.long(), T), TypeError, "student must be"),
+    "nc teacher int": (lambda: public.neighborhood_consistency(S, T.long()), TypeError, "teacher must be"),
+    "nc student rank": (lambda: public.neighborhood_consistency(S[0, 0], T[0, 0]), ValueError, "student"),
+    "nc teacher rank": (lambda: public.neighborhood_consistency(S, T[None]), ValueError, "teacher must have"),
+    "nc shape": (
+        lambda: public.neighborhood_consistency(S, T[:, :5], k=2),
+        ValueError,
+        "student and teacher must have the same shape",
+    ),
+    "nc teacher inf": (
+        lambda: public.neighborhood_consistency(S, INF_T, k=2),
+        ValueError,
+        "teacher contains",
+    ),
+    "nc tau_s 0": (lambda: public.neighborhood_consistency(S, T, k=2, tau_s=0.0), ValueError, "tau_s"),
+    "nc tau_t <0": (lambda: public.neighborhood_consistency(S, T, k=2, tau_t=-0.1), ValueError, "tau_t"),
+    "nc k 0": (lambda: public.neighborhood_consistency(S, T, k=0), ValueError, "k must be >= 1"),
+    "nc k float": (lambda: public.neighborhood_consistency(S, T, k=2.5), TypeError, "k must be an int"),
+    "nc k = N": (
+        lambda: public.neighborhood_consistency(S, T, k=6),
+        ValueError,
+        r"k must be at most .*6 - 1",
+    ),
+    "nc k default > N - 1": (lambda: public.neighborhood_consistency(S, T), ValueError, "k must be at most"),
+    "nc k > valid - 1": (
+        lambda: public.neighborhood_consistency(S, T, k=3, mask=SPARSE_MASK),
+        ValueError,
+        r"k must be at most .*3 - 1",
+    ),
+    "nc mask dtype": (
+        lambda: public.neighborhood_consistency(S, T, k=2, mask=MASK.float()),
+        ValueError,
+        "mask must be a bool tensor",
+    ),
+    "nc mask shape": (
+        lambda: public.neighborhood_consistency(S, T, k=2, mask=MASK[0]),
+        ValueError,
+        r"mask must have shape \(2, 6\)",
+    ),
+    "nc mask list": (lambda: public.neighborhood_consistency(S, T, k=2, mask=[True]), TypeError, "mask"),
+    # backends
+    "cos backend cpp": (lambda: public.cosine_similarity(X, backend="cpp"), ValueError, "cosine_similarity"),
+    "knn backend cpp": (lambda: public.knn(X, k=1, backend="cpp"), ValueError, "does not implement knn"),
+    "nc backend cpp": (
+        lambda: public.neighborhood_consistency(S, T, k=2, backend="cpp"),
+        ValueError,
+        "does not implement neighborhood_consistency",
+    ),
+    "knn backend unknown": (
+        lambda: public.knn(X, k=1, backend="numpy"),
+        ValueError,
+        "backend must be one of",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_inputs_raise(case):
+    call, error, match = case
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_the_bad_inputs_differ_from_good_ones_only_in_the_bad_part():
+    # The fixtures above are valid apart from the broken argument.
+    public.cosine_similarity(X, Y, temperature=0.5)
+    public.knn(X, Y, k=6)
+    public.knn(X, k=4, exclude_self=True)
+    public.neighborhood_consistency(S, T, k=5)
+    public.neighborhood_consistency(S, T, k=2, mask=SPARSE_MASK)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda a, b: public.cosine_similarity(a, b),
+        lambda a, b: public.knn(a, b, k=1),
+        lambda a, b: public.neighborhood_consistency(a, b, k=1),
+    ],
+    ids=["cosine_similarity", "knn", "neighborhood_consistency"],
+)
+def test_different_devices_raise(monkeypatch, call):
+    monkeypatch.setenv("S2DC_CHECK_VALUES", "0")  # meta tensors have no values to scan
+    x = randn(2, 4, 3)
+    with pytest.raises(ValueError, match="one device.*on meta"):
+        call(x, torch.empty(2, 4, 3, dtype=torch.float64, device="meta"))
+
+
+def test_mask_on_other_device_raises(monkeypatch):
+    monkeypatch.setenv("S2DC_CHECK_VALUES", "0")
+    with pytest.raises(ValueError, match="mask on meta"):
+        public.neighborhood_consistency(S, T, k=2, mask=torch.ones(2, 6, dtype=torch.bool, device="meta"))
