@@ -1,0 +1,372 @@
+"""Public Sinkhorn family: ``sinkhorn``, ``log_optimal_transport``, ``sinkhorn_knopp``.
+
+Path from a public function to its kernel (the same for every backend):
+``sinkhorn`` -> input checks -> ``torch.ops.s2dc.sinkhorn_solve`` (custom op, autograd registered: its
+backward is ``torch.ops.s2dc.sinkhorn_solve_backward``) -> the backend's ``forward``/``backward`` (torch
+below, ``torch.ops.s2dc_C`` for "cpp"/"cuda", ``s2dc_kernels.triton_kernels.sinkhorn`` for "triton").
+The solver returns the potentials and their per-iteration history (O(n_iters (N + M)) per problem); the
+"unroll" backward replays the iterations in reverse from that history: no N x M matrix per iteration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._utils import (
+    check_choice,
+    check_int,
+    check_positive,
+    check_same_device,
+    check_tensor,
+    check_values,
+    extension,
+    resolve_backend,
+)
+from .reference.sinkhorn import sinkhorn_outputs, uniform_log_marginal
+
+SOLVER_BACKENDS = ("torch", "cpp", "triton", "cuda")
+GRADS = ("unroll", "implicit", "envelope", "detach")
+_MASS_RTOL = 1e-4
+
+
+# ---------------------------------------------------------------- torch backend of the solver
+def _torch_forward(C: Tensor, log_a: Tensor, log_b: Tensor, eps: float, n_iters: int, tol: float):
+    """The solver loop of the docs in plain tensor ops (no autograd): f, g, f_hist, g_hist, n_done."""
+    B, N, M = C.shape
+    f, g = C.new_zeros(B, N), C.new_zeros(B, M)
+    f_hist, g_hist = C.new_zeros(B, n_iters, N), C.new_zeros(B, n_iters, M)
+    n_done = torch.zeros(B, dtype=torch.int64, device=C.device)
+    active = torch.ones(B, 1, dtype=torch.bool, device=C.device)
+    for t in range(n_iters):
+        lse = torch.logsumexp((g[:, None, :] - C) / eps, dim=2)
+        if tol > 0 and t > 0:  # row-marginal L1 error of iterate t - 1, a by-product of this lse
+            active = active & ((torch.exp(f / eps + lse) - log_a.exp()).abs().sum(-1, keepdim=True) >= tol)
+        f = torch.where(active, eps * (log_a - lse), f)
+        g = torch.where(active, eps * (log_b - torch.logsumexp((f[:, :, None] - C) / eps, dim=1)), g)
+        f_hist[:, t], g_hist[:, t] = f, g
+        n_done += active[:, 0]
+    return f, g, f_hist, g_hist, n_done
+
+
+def _softmax_weights(f: Tensor, g: Tensor, C: Tensor, eps: float, log_m: Tensor, dim: int) -> Tensor:
+    """exp((f_i + g_j - C_ij)/eps - log_m), 0 where the marginal log_m is -inf (zero mass)."""
+    live = torch.isfinite(log_m).unsqueeze(dim)
+    expo = (f[:, :, None] + g[:, None, :] - C) / eps - log_m.unsqueeze(dim)
+    return torch.exp(torch.where(live, expo, -math.inf))
+
+
+def _torch_backward(C, log_a, log_b, eps, f_hist, g_hist, n_done, grad_f, grad_g):
+    """Reverse replay of the iterations from their history: grad_C, grad_log_a, grad_log_b.
+
+    For t = n_done..1 with adjoints F (of f^t) and G (of g^t): the g-update adds G_j Pc_ij to grad_C and
+    -sum_j G_j Pc_ij to F; the f-update adds F_i Pr_ij to grad_C and passes G = -sum_i F_i Pr_ij to g^{t-1};
+    Pc/Pr are the column/row softmax weights of the updates. One N x M temporary per step (torch fallback).
+    """
+    F, G = grad_f.clone(), grad_g.clone()
+    grad_C = torch.zeros_like(C)
+    grad_log_a, grad_log_b = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    for t in reversed(range(f_hist.shape[1])):
+        live = (n_done > t)[:, None]
+        f_t, g_t = f_hist[:, t], g_hist[:, t]
+        g_prev = g_hist[:, t - 1] if t > 0 else torch.zeros_like(g_t)
+        # g^t = eps log b - eps LSE_i((f^t - C)/eps): column-softmax weights Pc.
+        G_t = torch.where(live, G, 0.0)
+        weighted = G_t[:, None, :] * _softmax_weights(f_t, g_t, C, eps, log_b, 1)
+        grad_C += weighted
+        F = F - weighted.sum(2)
+        grad_log_b += eps * G_t
+        # f^t = eps log a - eps LSE_j((g^{t-1} - C)/eps): row-softmax weights Pr.
+        F_t = torch.where(live, F, 0.0)
+        weighted = F_t[:, :, None] * _softmax_weights(f_t, g_prev, C, eps, log_a, 2)
+        grad_C += weighted
+        G = torch.where(live, -weighted.sum(1), G)
+        grad_log_a += eps * F_t
+        F = torch.where(live, 0.0, F)
+    return grad_C, grad_log_a, grad_log_b
+
+
+def _kernels(backend: str):
+    """(forward, backward) of a solver backend."""
+    if backend == "torch":
+        return _torch_forward, _torch_backward
+    if backend == "triton":
+        from .triton_kernels import sinkhorn as triton_sinkhorn
+
+        return triton_sinkhorn.sinkhorn_forward, triton_sinkhorn.sinkhorn_backward
+    extension()  # registers torch.ops.s2dc_C (the device of the tensors picks the cpp or cuda kernel)
+    return torch.ops.s2dc_C.sinkhorn_forward, torch.ops.s2dc_C.sinkhorn_backward
+
+
+# ---------------------------------------------------------------- custom ops
+@torch.library.custom_op("s2dc::sinkhorn_solve", mutates_args=())
+def sinkhorn_solve(
+    C: Tensor, log_a: Tensor, log_b: Tensor, eps: float, n_iters: int, tol: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Log-domain Sinkhorn solve: f (B,N), g (B,M), f_hist (B,T,N), g_hist (B,T,M), n_done (B,) int64."""
+    if C.shape[0] == 0:
+        return _torch_forward(C, log_a, log_b, eps, n_iters, tol)
+    return tuple(_kernels(backend)[0](C, log_a, log_b, eps, n_iters, tol))
+
+
+@sinkhorn_solve.register_fake
+def _(C, log_a, log_b, eps, n_iters, tol, backend):
+    B, N, M = C.shape
+    hist = (C.new_empty(B, n_iters, N), C.new_empty(B, n_iters, M))
+    return C.new_empty(B, N), C.new_empty(B, M), *hist, C.new_empty(B, dtype=torch.int64)
+
+
+@torch.library.custom_op("s2dc::sinkhorn_solve_backward", mutates_args=())
+def sinkhorn_solve_backward(
+    C: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    eps: float,
+    f_hist: Tensor,
+    g_hist: Tensor,
+    n_done: Tensor,
+    grad_f: Tensor,
+    grad_g: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient of a loss of (f, g) through all executed iterations: grad_C, grad_log_a, grad_log_b."""
+    if C.shape[0] == 0:
+        return torch.zeros_like(C), torch.zeros_like(log_a), torch.zeros_like(log_b)
+    return tuple(_kernels(backend)[1](C, log_a, log_b, eps, f_hist, g_hist, n_done, grad_f, grad_g))
+
+
+@sinkhorn_solve_backward.register_fake
+def _(C, log_a, log_b, eps, f_hist, g_hist, n_done, grad_f, grad_g, backend):
+    return torch.empty_like(C), torch.empty_like(log_a), torch.empty_like(log_b)
+
+
+def _setup_context(ctx, inputs, output):
+    C, log_a, log_b, eps, _, _, backend = inputs
+    _, _, f_hist, g_hist, n_done = output
+    ctx.save_for_backward(C, log_a, log_b, f_hist, g_hist, n_done)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _backward(ctx, grad_f, grad_g, *_):
+    C, log_a, log_b, f_hist, g_hist, n_done = ctx.saved_tensors
+    grad_f = torch.zeros_like(log_a) if grad_f is None else grad_f.contiguous()
+    grad_g = torch.zeros_like(log_b) if grad_g is None else grad_g.contiguous()
+    grads = sinkhorn_solve_backward(
+        C, log_a, log_b, ctx.eps, f_hist, g_hist, n_done, grad_f, grad_g, ctx.backend
+    )
+    return *grads, None, None, None, None
+
+
+sinkhorn_solve.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- shared checks
+def _check_marginal(name: str, w: Tensor | None, B: int, n: int, dtype: torch.dtype) -> Tensor | None:
+    """Validate a marginal ((B, n), (n,) or None) and return it as (B or 1, n) in the solver dtype."""
+    if w is None:
+        return None
+    check_tensor(name, w, (1, 2))
+    if w.shape[-1] != n or (w.dim() == 2 and w.shape[0] != B):
+        want = f"({n},) or ({B}, {n})"
+        raise ValueError(f"{name} must have shape {want} to match cost, got {tuple(w.shape)}")
+    if check_values() and w.numel() and bool((w < 0).any()):
+        raise ValueError(f"{name} has negative entries; marginals must be non-negative")
+    return (w[None] if w.dim() == 1 else w).to(dtype)
+
+
+def _check_masses(a: Tensor | None, b: Tensor | None, N: int, M: int) -> None:
+    """Both marginals must carry the same positive total mass per problem (None = mass 1)."""
+    if not check_values():
+        return
+    mass_a = a.sum(-1) if a is not None else torch.ones(())
+    mass_b = b.sum(-1) if b is not None else torch.ones(())
+    for name, mass in (("a", mass_a), ("b", mass_b)):
+        if mass.numel() and bool((mass <= 0).any()):
+            raise ValueError(f"{name} must have positive total mass in every problem")
+    mass_a, mass_b = torch.broadcast_tensors(mass_a.double().cpu(), mass_b.double().cpu())
+    if mass_a.numel() and not torch.allclose(mass_a, mass_b, rtol=_MASS_RTOL, atol=0):
+        raise ValueError(
+            "a and b must have the same total mass in every problem (balanced OT); "
+            f"got {mass_a.flatten()[:4].tolist()} vs {mass_b.flatten()[:4].tolist()}"
+        )
+
+
+def _solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 inputs are solved in fp32 (the potentials need the range and the precision)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _potentials(C, log_a, log_b, eps, n_iters, tol, backend, differentiable):
+    """f, g from the custom op; through its registered backward when ``differentiable``."""
+    args = (C.contiguous(), log_a.contiguous(), log_b.contiguous(), eps, n_iters, tol, backend)
+    if differentiable:
+        return sinkhorn_solve(*args)[:2]
+    with torch.no_grad():
+        return sinkhorn_solve(*(x.detach() if isinstance(x, Tensor) else x for x in args))[:2]
+
+
+# ---------------------------------------------------------------- public API
+def sinkhorn(
+    cost: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    eps: float = 0.05,
+    n_iters: int = 100,
+    tol: float | None = None,
+    grad: str = "unroll",
+    backend: str = "auto",
+    return_potentials: bool = False,
+    return_value: bool = False,
+):
+    """Entropic optimal transport by log-domain Sinkhorn, batched.
+
+    From f = g = 0, ``n_iters`` alternating updates
+    ``f_i = eps log a_i - eps LSE_j((g_j - C_ij)/eps)``, then
+    ``g_j = eps log b_j - eps LSE_i((f_i - C_ij)/eps)``;
+    returns ``P_ij = exp((f_i + g_j - C_ij)/eps)``. Equals POT's
+    ``ot.batch.solve_batch(cost, reg=eps, a=a, b=b, method="log_sinkhorn", max_iter=n_iters, tol=0).plan``.
+
+    Args:
+        cost: C, (B, N, M) or (N, M), floating (fp16/bf16 are solved in fp32).
+        a, b: marginals (B, N) / (N,) and (B, M) / (M,), non-negative, equal total mass; None = uniform.
+            Zero entries mark rows/columns that take no mass.
+        eps: entropic regularisation, > 0.
+        n_iters: maximum number of iterations, >= 1.
+        tol: if set, a problem stops once the row-marginal L1 error ``sum_i |sum_j P_ij - a_i|`` of its last
+            iterate is below ``tol`` (checked on the device in every iteration, no host sync).
+        grad: "unroll" (exactly autograd through the iterations, memory O(n_iters (N + M))), "implicit"
+            (implicit differentiation of the fixed point, for converged plans), "envelope" (only the value
+            has a gradient: dW/dC = P, dW/da = f - eps log a, dW/db = g - eps log b), "detach" (no gradient).
+        backend: "auto", "torch", "cpp", "triton" or "cuda".
+        return_potentials: also return f (B, N) and g (B, M).
+        return_value: also return ``W = sum P C + eps sum P (log P - log a - log b)``, (B,).
+
+    Returns:
+        P (B, N, M) [, f, g] [, value]; unbatched inputs give unbatched outputs.
+    """
+    check_tensor("cost", cost, (2, 3))
+    eps = check_positive("eps", eps)
+    n_iters = check_int("n_iters", n_iters, 1)
+    tol = 0.0 if tol is None else check_positive("tol", tol)
+    check_choice("grad", grad, GRADS)
+    device = check_same_device(cost=cost, a=a, b=b)
+    unbatched = cost.dim() == 2
+    dtype = _solver_dtype(cost.dtype)
+    C = (cost[None] if unbatched else cost).to(dtype)
+    B, N, M = C.shape
+    if N == 0 or M == 0:
+        raise ValueError(f"cost must have at least one row and one column, got shape {tuple(cost.shape)}")
+    a_b, b_b = _check_marginal("a", a, B, N, dtype), _check_marginal("b", b, B, M, dtype)
+    _check_masses(a_b, b_b, N, M)
+    backend = resolve_backend(backend, op="sinkhorn", device=device, supported=SOLVER_BACKENDS)
+    log_a, log_b = uniform_log_marginal(a_b, B, N, C), uniform_log_marginal(b_b, B, M, C)
+    differentiable = grad == "unroll" and torch.is_grad_enabled()
+    f, g = _potentials(C, log_a, log_b, eps, n_iters, tol, backend, differentiable)
+    outputs = sinkhorn_outputs(
+        C, a_b, b_b, log_a, log_b, f, g, eps, grad, return_potentials, return_value, unbatched
+    )
+    if dtype == cost.dtype:
+        return outputs
+    return outputs.to(cost.dtype) if isinstance(outputs, Tensor) else tuple(o.to(cost.dtype) for o in outputs)
+
+
+def log_optimal_transport(
+    scores: Tensor, alpha: Tensor | float, n_iters: int, *, backend: str = "auto"
+) -> Tensor:
+    """SuperGlue / S2DC dustbin Sinkhorn: the log plan (B, N+1, M+1), exactly as their code computes it.
+
+    Z = scores with one dustbin row and column of score ``alpha`` appended; marginals (norm = -log(N+M)):
+    rows norm (N times) then log(M) + norm, columns norm (M times) then log(N) + norm; ``n_iters``
+    log-Sinkhorn iterations at eps = 1 from zero potentials; returns ``Z + u_i + v_j - norm``. It is
+    ``sinkhorn``'s solver on the cost -Z, so every backend runs it; the gradient ("unroll") reaches
+    ``scores`` and a tensor ``alpha``.
+
+    Args:
+        scores: (B, N, M) or (N, M) similarity scores.
+        alpha: dustbin score, a float or a 0-d / one-element tensor (then it receives a gradient).
+        n_iters: number of iterations, >= 1.
+        backend: "auto", "torch", "cpp", "triton" or "cuda".
+    """
+    check_tensor("scores", scores, (2, 3))
+    n_iters = check_int("n_iters", n_iters, 1)
+    if isinstance(alpha, Tensor):
+        check_tensor("alpha", alpha, (0, 1))
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must be a float or a one-element tensor, got shape {tuple(alpha.shape)}")
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise TypeError(f"alpha must be a finite float or a tensor, got {alpha!r}")
+    device = check_same_device(scores=scores, alpha=alpha if isinstance(alpha, Tensor) else None)
+    backend = resolve_backend(backend, op="log_optimal_transport", device=device, supported=SOLVER_BACKENDS)
+    unbatched = scores.dim() == 2
+    dtype = _solver_dtype(scores.dtype)
+    Z = (scores[None] if unbatched else scores).to(dtype)
+    B, N, M = Z.shape
+    alpha_t = torch.as_tensor(alpha, dtype=dtype, device=Z.device).reshape(1, 1, 1)
+    couplings = torch.cat([torch.cat([Z, alpha_t.expand(B, N, 1)], -1), alpha_t.expand(B, 1, M + 1)], 1)
+    norm = -math.log(N + M)
+    log_mu = Z.new_full((B, N + 1), norm)
+    log_mu[:, N] = math.log(M) + norm
+    log_nu = Z.new_full((B, M + 1), norm)
+    log_nu[:, M] = math.log(N) + norm
+    differentiable = torch.is_grad_enabled()
+    u, v = _potentials(-couplings, log_mu, log_nu, 1.0, n_iters, 0.0, backend, differentiable)
+    log_plan = couplings + u[:, :, None] + v[:, None, :] - norm
+    return (log_plan[0] if unbatched else log_plan).to(scores.dtype)
+
+
+def _group_logsumexp(x: Tensor, dim: int | tuple[int, ...], group) -> Tensor:
+    """log sum exp of x over ``dim`` and the ranks of ``group`` (keepdim): one MAX, one SUM all-reduce."""
+    shift = x.detach().amax(dim=dim, keepdim=True)
+    if group is not None:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    total = torch.exp(x - shift).sum(dim=dim, keepdim=True)
+    if group is not None:
+        total = dist.nn.functional.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return shift + torch.log(total)
+
+
+def sinkhorn_knopp(
+    logits: Tensor,
+    *,
+    eps: float = 0.05,
+    n_iters: int = 3,
+    process_group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """SwAV / DINOv2 Sinkhorn-Knopp on (B, K) logits, in the log domain (no overflow at any logits / eps).
+
+    Same numbers as SwAV's ``distributed_sinkhorn``: Q = exp(logits / eps)^T normalised to total mass 1, then
+    ``n_iters`` times: each prototype (row of Q) scaled to mass 1/K, each sample (column) to mass 1/B_total;
+    returns B_total * Q^T, (B, K), rows summing to 1. Computed on L = logits / eps with log-sum-exp
+    normalisations, so logits of +-400 at eps 0.04 work.
+
+    Args:
+        logits: (B, K) local batch of scores.
+        eps: temperature, > 0.
+        n_iters: iterations, >= 1.
+        process_group: when given, the batch is sharded across its ranks (B_total = B * world size) and the
+            prototype sums are all-reduced, as in SwAV's distributed version.
+        backend: "auto" or "torch".
+    """
+    check_tensor("logits", logits, (2,))
+    eps = check_positive("eps", eps)
+    n_iters = check_int("n_iters", n_iters, 1)
+    device = check_same_device(logits=logits)
+    resolve_backend(backend, op="sinkhorn_knopp", device=device, supported=("torch",))
+    world = 1 if process_group is None else dist.get_world_size(process_group)
+    B, K = logits.shape
+    if B == 0 or K == 0:
+        if world > 1:
+            raise ValueError("logits must not be empty when a process_group is given")
+        return logits.clone()
+    b_total = B * world
+    L = logits / eps
+    L = L - _group_logsumexp(L, (0, 1), process_group)
+    for _ in range(n_iters):
+        L = L - (_group_logsumexp(L, 0, process_group) + math.log(K))
+        L = L - (torch.logsumexp(L, dim=1, keepdim=True) + math.log(b_total))
+    return torch.exp(L + math.log(b_total))

@@ -1,0 +1,101 @@
+"""SwAV / DINOv2 Sinkhorn-Knopp: equal to their code where it is finite, finite where theirs overflows."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import s2dc_kernels as sk
+from s2dc_kernels import reference as ref
+
+
+def swav_distributed_sinkhorn(out, eps, n_iters, world_size):
+    """SwAV's distributed_sinkhorn, written out (its all-reduces replaced by sums over the given shards)."""
+    Q = [torch.exp(o / eps).t() for o in out]
+    B = Q[0].shape[1] * world_size
+    K = Q[0].shape[0]
+    sum_Q = sum(q.sum() for q in Q)
+    Q = [q / sum_Q for q in Q]
+    for _ in range(n_iters):
+        sum_of_rows = sum(q.sum(dim=1, keepdim=True) for q in Q)
+        Q = [q / sum_of_rows / K for q in Q]
+        Q = [q / q.sum(dim=0, keepdim=True) / B for q in Q]
+    return [(q * B).t() for q in Q]
+
+
+@pytest.mark.parametrize("B,K,n_iters", [(7, 13, 3), (64, 5, 1), (3, 100, 10)])
+def test_equals_swav_in_float64(B, K, n_iters):
+    logits = torch.randn(B, K, dtype=torch.float64)
+    expected = swav_distributed_sinkhorn([logits], 0.5, n_iters, 1)[0]
+    torch.testing.assert_close(ref.sinkhorn_knopp(logits, eps=0.5, n_iters=n_iters), expected)
+    torch.testing.assert_close(sk.sinkhorn_knopp(logits, eps=0.5, n_iters=n_iters), expected)
+
+
+def test_teacher_temperature_matches_swav_where_float64_holds():
+    logits = (torch.rand(32, 257, dtype=torch.float64) * 2 - 1) * 20  # exp(500): finite in float64
+    expected = swav_distributed_sinkhorn([logits], 0.04, 3, 1)[0]
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(sk.sinkhorn_knopp(logits, eps=0.04), expected)
+    torch.testing.assert_close(
+        sk.sinkhorn_knopp(logits.float(), eps=0.04).double(), expected, rtol=1e-3, atol=1e-5
+    )
+
+
+def test_large_logits_at_teacher_temperature_stay_finite():
+    logits = (torch.rand(32, 257) * 2 - 1) * 400
+    with torch.no_grad():
+        assert not torch.isfinite(ref.sinkhorn_knopp(logits, eps=0.04)).all()  # the peers' overflow
+    Q = sk.sinkhorn_knopp(logits, eps=0.04)
+    assert torch.isfinite(Q).all()
+    torch.testing.assert_close(Q.sum(1), torch.ones(32))  # the last step normalises samples
+    torch.testing.assert_close(Q.double(), sk.sinkhorn_knopp(logits.double(), eps=0.04), rtol=1e-3, atol=1e-4)
+
+
+def test_gradient_flows_and_bad_input():
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: sk.sinkhorn_knopp(x, eps=0.3), (logits,))
+    with pytest.raises(ValueError, match="logits"):
+        sk.sinkhorn_knopp(torch.rand(2, 3, 4))
+    with pytest.raises(TypeError, match="logits"):
+        sk.sinkhorn_knopp(torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="eps"):
+        sk.sinkhorn_knopp(torch.rand(2, 3), eps=0)
+    with pytest.raises(ValueError, match="n_iters"):
+        sk.sinkhorn_knopp(torch.rand(2, 3), n_iters=0)
+    with pytest.raises(ValueError, match="logits"):
+        sk.sinkhorn_knopp(torch.tensor([[1.0, float("nan")]]))
+    assert sk.sinkhorn_knopp(torch.rand(0, 3)).shape == (0, 3)
+
+
+def _worker(rank, world, port, logits, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        shard = logits.chunk(world)[rank].clone().requires_grad_()
+        Q = sk.sinkhorn_knopp(shard, eps=0.05, n_iters=3, process_group=dist.group.WORLD)
+        (grad,) = torch.autograd.grad((Q * torch.arange(Q.numel()).view_as(Q)).sum(), shard)
+        results[rank] = (Q.detach(), grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_gloo_equal_swav_distributed():
+    world = 2
+    logits = torch.randn(2 * 6, 11, dtype=torch.float64)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(world, _free_port(), logits, results), nprocs=world, join=True)
+        results = dict(results)
+    expected = swav_distributed_sinkhorn(list(logits.chunk(world)), 0.05, 3, world)
+    for rank in range(world):
+        torch.testing.assert_close(results[rank][0], expected[rank])
+        assert torch.isfinite(results[rank][1]).all() and results[rank][1].abs().sum() > 0
