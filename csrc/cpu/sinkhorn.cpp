@@ -1,0 +1,411 @@
+// Fused log-domain Sinkhorn on the CPU (see sinkhorn.h for the contract).
+//
+// Base-2 units: the kernel holds p = f s, q = g s with s = log2(e) / eps, so an entry of a half-step is
+// x_ij = q_j - s C_ij (one FMA) and its weight exp2(x_ij - shift) (fast_exp2: inline, vectorised).
+//
+// Kernel cache. Every weight either direction needs is exp2(x_i + y_j - s C_ij) for some row and column terms, so
+// it is a rescaling of one cached matrix K_ij = exp2(w_j - s C_ij - u_i) (n x m scratch per solve):
+//   exp2(x_i + y_j - s C_ij) = K_ij 2^(x_i + u_i) 2^(y_j - w_j).
+// An iteration on the cache costs FMAs and n + m exponentials instead of n m. The cache is rebuilt (one
+// exponential per entry) from the current iterate when a rescaling factor leaves [2^-F, 2^F] (F = 64 in float,
+// 512 in double: no overflow) or a sum over cached entries may have lost weight to underflow (entries below
+// 2^-125, 2^-1021 in double, are 0): a sum keeps its last ulp when it is at least 2^(min exponent + mantissa
+// digits) times the sum of the factors of its terms. Near convergence the iterates barely move and the cache
+// lasts; a sum that fails is never used.
+//
+// Forward, iteration t. Row half-step, as specified, with K built from w = q and a max shift u_i:
+//   lse_i = u_i + log2 sum_j K_ij 2^(q_j - w_j),  p_i = log2 a_i - lse_i
+// (on a fresh cache the sum is exactly sum_j exp2(q_j - s C_ij - max_i)). Column half-step, from the same entries:
+//   LSE2_i(p_i - s C_ij) = log2 A_j - w_j,  A_j = sum_i alpha_i K_ij,  alpha_i = 2^(p_i + u_i),
+// alpha_i taken from the rounded p_i so that A_j is the column sum of the stored p, as in the plain loop. A column
+// whose A_j fails the underflow test (no weight near its best row) is recomputed from C with its own max shift,
+// which is also the path of degenerate problems without mass.
+//
+// Backward, iteration t: the column-normalised weights of g^t, Pc_ij = softmax_i(p_i - s C_ij), and the
+// row-normalised weights of f^t, Pr_ij = softmax_j(q'_j - s C_ij) (q' = q^(t-1)), both as cache entries rescaled
+// and renormalised by their sums. A rebuilt cache holds exp2(p_i + q_j - log2 b_j - s C_ij). Renormalising makes
+// the weights sum to 1 to rounding although the iterates were rounded to cost units in between; otherwise that
+// error is integrated over the iterations. Rows whose Pr sum fails (a tiny mass a_i, or t = 1 where q' = 0 also
+// weighs zero-mass columns) evaluate Pr directly.
+//
+// Sums over rows (A_j, the column sums of Pc, the adjoint of g) are cascaded over blocks of rows: plain running sums
+// over hundreds of rows drop small terms with a bias of ~1e-7 that the iterations would integrate along the gauge
+// (f + c, g - c), where the lane-split row sums do not.
+//
+// Memory: O(n + m) plus the n x m cache per solve. Traffic per iteration: C once (a rebuild) or the cache twice,
+// plus grad_C once in the backward.
+#include "sinkhorn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include "exp2.h"
+
+// Each sweep is compiled for AVX-512, AVX2 + FMA and baseline x86-64; the dynamic loader picks one per machine.
+// The helpers they call are always inlined so that they are compiled for the same instruction set.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#define S2DC_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define S2DC_TARGET_CLONES
+#endif
+
+namespace s2dc::cpu {
+namespace {
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+constexpr double kLog2e = 1.442695040888963407359924681001892137;
+
+// Rows per block of the cascaded sums over rows.
+constexpr int64_t kRowBlock = 16;
+
+// Cache rescaling factors stay within [2^-F, 2^F].
+template <typename T>
+constexpr T kMaxFactorExponent = sizeof(T) == 4 ? T(64) : T(512);
+
+// A sum of cached entries times factors of total `factor_sum` keeps its last ulp above this bound.
+template <typename T>
+T underflow_bound(T factor_sum) {
+  return std::ldexp(factor_sum, static_cast<int>(Exp2Traits<T>::kMinExponent) + std::numeric_limits<T>::digits);
+}
+
+// The max shift of a log-sum-exp, 0 where the max is infinite (as torch.logsumexp): all terms -inf give sum 0
+// and LSE -inf, a +inf term gives LSE +inf, never NaN.
+template <typename T>
+[[gnu::always_inline]] inline T finite_shift(T max) {
+  return std::isinf(max) ? T(0) : max;
+}
+
+// weights_j = exp2(x_j - shift) for x_j = v_j - s c_j, shift = max_j x_j (two passes over the row); returns
+// {shift, sum_j weights_j}.
+template <typename T>
+[[gnu::always_inline]] inline std::pair<T, T> row_exp2(const T* __restrict c, const T* __restrict v, int64_t m,
+                                                       T scale, T* __restrict weights) {
+  T max = -kInf<T>;
+#pragma omp simd reduction(max : max)
+  for (int64_t j = 0; j < m; ++j) max = std::max(max, v[j] - scale * c[j]);
+  const T shift = finite_shift(max);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < m; ++j) {
+    const T e = fast_exp2(v[j] - scale * c[j] - shift);
+    weights[j] = e;
+    sum += e;
+  }
+  return {shift, sum};
+}
+
+// After row i of n: every kRowBlock rows (and after the last) adds block into total and clears it.
+template <typename T>
+[[gnu::always_inline]] inline void flush_row_block(int64_t i, int64_t n, int64_t m, T* __restrict block,
+                                                   T* __restrict total) {
+  if (i % kRowBlock != kRowBlock - 1 && i != n - 1) return;
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    total[j] += block[j];
+    block[j] = 0;
+  }
+}
+
+// Cache rescaling factors 2^(target_k - reference_k) for k < count into factors: 0 where the target is -inf (no
+// mass), +inf where out of range (also a finite target on a -inf reference). Returns whether all are in range.
+template <typename T>
+bool rescaling_factors(const T* target, const T* reference, int64_t count, T* factors) {
+  bool in_range = true;
+  for (int64_t k = 0; k < count; ++k) {
+    const T exponent = target[k] - reference[k];
+    const bool ok = std::abs(exponent) <= kMaxFactorExponent<T>;
+    factors[k] = target[k] == -kInf<T> ? T(0) : ok ? fast_exp2(exponent) : kInf<T>;
+    in_range = in_range && (ok || target[k] == -kInf<T>);
+  }
+  return in_range;
+}
+
+// LSE2_i(p_i - s C_ij) of column j from C itself (stride m), with its own max shift.
+template <typename T>
+T column_lse2(const T* cost, int64_t n, int64_t m, T scale, const T* p, int64_t j) {
+  T max = -kInf<T>;
+  for (int64_t i = 0; i < n; ++i) max = std::max(max, p[i] - scale * cost[i * m + j]);
+  const T shift = finite_shift(max);
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += fast_exp2(p[i] - scale * cost[i * m + j] - shift);
+  return shift + std::log2(sum);
+}
+
+// The forward row half-step of one iteration and the column sums A_j (see the top of the file), in three
+// passes: the row sums, then the per-row scalars (independent, so their log2 and exp2 overlap), then the column
+// sums. With beta null it rebuilds the cache (K, u) from q; else it reads K rescaled by beta_j = 2^(q_j - w_j) and
+// returns false if a row sum fails row_bound (the caller then rebuilds). Writes p_next (n), col_sums (m) and, when
+// want_error, *error = sum_i |exp2(p_i + lse_i) - a_i|, the row-marginal error of p; row_sums, alpha (n) and
+// block (m) are scratch.
+template <typename T>
+S2DC_TARGET_CLONES bool forward_rows(const T* __restrict cost, int64_t n, int64_t m, T scale, const T* __restrict q,
+                                     const T* __restrict beta, T row_bound, const T* __restrict a,
+                                     const T* __restrict log2_a, const T* __restrict p, bool want_error,
+                                     T* __restrict error, T* __restrict K, T* __restrict u, T* __restrict p_next,
+                                     T* __restrict row_sums, T* __restrict alpha, T* __restrict block,
+                                     T* __restrict col_sums) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* __restrict k_row = K + i * m;
+    if (beta == nullptr) {
+      const auto [shift, sum] = row_exp2(cost + i * m, q, m, scale, k_row);
+      u[i] = shift;
+      row_sums[i] = sum;
+    } else {
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < m; ++j) sum += k_row[j] * beta[j];
+      if (!(sum >= row_bound)) return false;
+      row_sums[i] = sum;
+    }
+  }
+  *error = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T lse = u[i] + std::log2(row_sums[i]);
+    if (want_error) *error += std::abs(std::exp2(p[i] + lse) - a[i]);
+    p_next[i] = log2_a[i] - lse;
+    // Zero-mass rows add nothing (a degenerate row sum 0 makes A_j NaN: recomputed, see above).
+    alpha[i] = a[i] > 0 ? static_cast<T>(std::exp2(double(p_next[i]) + double(u[i]))) : T(0);  // exact sum
+  }
+  std::fill(col_sums, col_sums + m, T(0));
+  std::fill(block, block + m, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    if (alpha[i] != 0) {
+      const T* __restrict k_row = K + i * m;
+      const T alpha_i = alpha[i];
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) block[j] += alpha_i * k_row[j];
+    }
+    flush_row_block(i, n, m, block, col_sums);
+  }
+  return true;
+}
+
+// Backward sweep 1 of iteration t: the column sums col_sums_j = sum_i K_ij x_i (the normalisers of Pc, rows with
+// mass only) and the row sums row_sums_i = sum_j K_ij z_j (of Pr). With x null it rebuilds the cache first,
+// K_ij = exp2(p_i + col_shift_j - s C_ij) (so u = -p, w = col_shift, x = 1). block (m) is scratch.
+template <typename T>
+S2DC_TARGET_CLONES void backward_sums(const T* __restrict cost, int64_t n, int64_t m, T scale,
+                                      const T* __restrict p, const T* __restrict log2_a,
+                                      const T* __restrict col_shift, const T* __restrict x,
+                                      const T* __restrict z, T* __restrict K, T* __restrict block,
+                                      T* __restrict col_sums, T* __restrict row_sums) {
+  std::fill(col_sums, col_sums + m, T(0));
+  std::fill(block, block + m, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    T* __restrict k_row = K + i * m;
+    T row_sum = 0;
+    if (log2_a[i] != -kInf<T>) {
+      if (x == nullptr) {
+        const T* __restrict c = cost + i * m;
+        const T pi = p[i];
+#pragma omp simd reduction(+ : row_sum)
+        for (int64_t j = 0; j < m; ++j) {
+          const T k = fast_exp2(pi + col_shift[j] - scale * c[j]);
+          k_row[j] = k;
+          block[j] += k;
+          row_sum += k * z[j];
+        }
+      } else {
+        const T xi = x[i];
+#pragma omp simd reduction(+ : row_sum)
+        for (int64_t j = 0; j < m; ++j) {
+          block[j] += k_row[j] * xi;
+          row_sum += k_row[j] * z[j];
+        }
+      }
+    }
+    row_sums[i] = row_sum;
+    flush_row_block(i, n, m, block, col_sums);
+  }
+}
+
+// Backward sweep 2 of iteration t, with Pc_ij = K_ij x_i col_norm_j (x_i = 1 when x is null) and
+// Pr_ij = K_ij z_j / row_sums_i, or softmax_j(q'_j - s C_ij) evaluated directly when row_sums_i fails row_bound.
+// With G the adjoint of g^t: F_i -= sum_j G_j Pc_ij (dg_j/df_i = -Pc_ij; F_i is then the adjoint of f^t),
+// grad_log_a_i += eps F_i, grad_C_ij += G_j Pc_ij + F_i Pr_ij (dg_j/dC_ij = Pc_ij, df_i/dC_ij = Pr_ij), and
+// G_prev_j -= sum_i F_i Pr_ij (df_i/dg'_j = -Pr_ij), G_prev zeroed here. Two passes over the rows (F first, then the
+// updates) keep the per-row scalars off the update's critical path. gc (m), weights (m) and block (m) are scratch.
+template <typename T>
+S2DC_TARGET_CLONES void adjoint_rows(const T* __restrict cost, int64_t n, int64_t m, T scale, T eps,
+                                     const T* __restrict log2_a, const T* __restrict K, const T* __restrict x,
+                                     const T* __restrict col_norm, const T* __restrict z,
+                                     const T* __restrict row_sums, T row_bound, const T* __restrict q_prev,
+                                     const T* __restrict G, T* __restrict F, T* __restrict gc,
+                                     T* __restrict weights, T* __restrict grad_cost, T* __restrict grad_log_a,
+                                     T* __restrict block, T* __restrict G_prev) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) gc[j] = G[j] * col_norm[j];
+  for (int64_t i = 0; i < n; ++i) {
+    if (log2_a[i] != -kInf<T>) {  // zero-mass rows have Pc = Pr = 0
+      const T* __restrict k_row = K + i * m;
+      T g_pc = 0;
+#pragma omp simd reduction(+ : g_pc)
+      for (int64_t j = 0; j < m; ++j) g_pc += k_row[j] * gc[j];
+      F[i] -= (x == nullptr ? T(1) : x[i]) * g_pc;
+    }
+    grad_log_a[i] += eps * F[i];
+  }
+  std::fill(G_prev, G_prev + m, T(0));
+  std::fill(block, block + m, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    if (log2_a[i] != -kInf<T>) {
+      const T* __restrict k_row = K + i * m;
+      const T* __restrict c = cost + i * m;
+      T* __restrict grad_c = grad_cost + i * m;
+      const T xi = x == nullptr ? T(1) : x[i];
+      const T row_sum = row_sums[i];
+      if (row_sum >= row_bound && row_sum < kInf<T>) {
+        const T f_over_sum = F[i] / row_sum;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+          const T f_pr = f_over_sum * (k_row[j] * z[j]);
+          grad_c[j] += xi * k_row[j] * gc[j] + f_pr;
+          block[j] -= f_pr;
+        }
+      } else {
+        const T f_over_sum = F[i] / row_exp2(c, q_prev, m, scale, weights).second;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+          const T f_pr = f_over_sum * weights[j];
+          grad_c[j] += xi * k_row[j] * gc[j] + f_pr;
+          block[j] -= f_pr;
+        }
+      }
+    }
+    flush_row_block(i, n, m, block, G_prev);
+  }
+}
+
+// One problem in base-2 units: the cost scale s and the marginals.
+template <typename T>
+struct Base2Problem {
+  const T* cost;
+  int64_t n, m;
+  T scale;                           // s = log2(e) / eps
+  std::vector<T> a, log2_a, log2_b;  // a_i, log2 a_i, log2 b_j
+
+  explicit Base2Problem(const SinkhornProblem<T>& problem)
+      : cost(problem.cost), n(problem.n), m(problem.m), scale(T(kLog2e) / problem.eps), a(n), log2_a(n), log2_b(m) {
+    for (int64_t i = 0; i < n; ++i) {
+      a[i] = std::exp(problem.log_a[i]);
+      log2_a[i] = T(kLog2e) * problem.log_a[i];
+    }
+    for (int64_t j = 0; j < m; ++j) log2_b[j] = T(kLog2e) * problem.log_b[j];
+  }
+};
+
+}  // namespace
+
+template <typename T>
+int64_t sinkhorn_forward(const SinkhornProblem<T>& problem, int64_t n_iters, T tol, T* f, T* g, T* f_hist,
+                         T* g_hist) {
+  const Base2Problem<T> b2(problem);
+  const int64_t n = b2.n, m = b2.m;
+  const T to_cost = problem.eps / T(kLog2e);  // f = p eps ln 2
+  const T col_bound = underflow_bound(std::accumulate(b2.a.begin(), b2.a.end(), T(0)));
+  std::vector<T> p(n, T(0)), p_next(n), q(m, T(0)), K(n * m), u(n), w(m), beta(m), row_sums(n), alpha(n), block(m),
+      col_sums(m);
+  bool cached = false;
+  int64_t done = 0;
+  for (int64_t t = 1; t <= n_iters; ++t) {
+    const bool check = tol > 0 && t > 1;
+    T error = 0;
+    const auto rows = [&](const T* factors, T row_bound) {
+      return forward_rows(b2.cost, n, m, b2.scale, q.data(), factors, row_bound, b2.a.data(), b2.log2_a.data(),
+                          p.data(), check, &error, K.data(), u.data(), p_next.data(), row_sums.data(),
+                          alpha.data(), block.data(), col_sums.data());
+    };
+    cached = cached && rescaling_factors(q.data(), w.data(), m, beta.data()) &&
+             rows(beta.data(), underflow_bound(std::accumulate(beta.begin(), beta.end(), T(0))));
+    if (!cached) {
+      rows(nullptr, T(0));
+      w = q;
+      cached = true;
+    }
+    if (check && error < tol) break;
+    std::swap(p, p_next);
+    for (int64_t j = 0; j < m; ++j) {
+      const bool accurate = col_sums[j] > 0 && col_sums[j] >= col_bound;
+      q[j] = accurate ? b2.log2_b[j] + w[j] - std::log2(col_sums[j])
+                      : b2.log2_b[j] - column_lse2(b2.cost, n, m, b2.scale, p.data(), j);
+    }
+    done = t;
+    T* f_t = f_hist + (t - 1) * n;
+    T* g_t = g_hist + (t - 1) * m;
+    for (int64_t i = 0; i < n; ++i) f_t[i] = to_cost * p[i];
+    for (int64_t j = 0; j < m; ++j) g_t[j] = to_cost * q[j];
+  }
+  for (int64_t i = 0; i < n; ++i) f[i] = to_cost * p[i];
+  for (int64_t j = 0; j < m; ++j) g[j] = to_cost * q[j];
+  return done;
+}
+
+template <typename T>
+void sinkhorn_backward(const SinkhornProblem<T>& problem, const T* f_hist, const T* g_hist, int64_t n_done,
+                       const T* grad_f, const T* grad_g, T* grad_cost, T* grad_log_a, T* grad_log_b) {
+  const Base2Problem<T> b2(problem);
+  const int64_t n = b2.n, m = b2.m;
+  const T eps = problem.eps;
+  std::fill(grad_cost, grad_cost + n * m, T(0));
+  std::fill(grad_log_a, grad_log_a + n, T(0));
+  std::fill(grad_log_b, grad_log_b + m, T(0));
+  // F, G: adjoints of f^t, g^t (G_prev receives that of g^(t-1)); p = f^t s, q_prev = g^(t-1) s; the cache K with
+  // its row and column terms u = -p, w = col_shift of the iteration that built it; col_norm: the column sums of
+  // Pc, then their inverses.
+  std::vector<T> F(n), G(grad_g, grad_g + m), G_prev(m), p(n), col_shift(m), q_prev(m), K(n * m), minus_u(n), w(m),
+      x(n), z(m), col_norm(m), row_sums(n), gc(m), weights(m), block(m);
+  bool cached = false;
+  for (int64_t t = n_done; t >= 1; --t) {
+    const T* f_t = f_hist + (t - 1) * n;
+    const T* g_t = g_hist + (t - 1) * m;
+    for (int64_t i = 0; i < n; ++i) {
+      p[i] = b2.scale * f_t[i];
+      F[i] = t == n_done ? grad_f[i] : T(0);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      col_shift[j] = b2.log2_b[j] == -kInf<T> ? -kInf<T> : b2.scale * g_t[j] - b2.log2_b[j];
+      q_prev[j] = t > 1 ? b2.scale * g_hist[(t - 2) * m + j] : T(0);
+      grad_log_b[j] += eps * G[j];
+    }
+    cached = cached && rescaling_factors(p.data(), minus_u.data(), n, x.data()) &&
+             rescaling_factors(q_prev.data(), w.data(), m, z.data());
+    if (cached) {
+      backward_sums(b2.cost, n, m, b2.scale, p.data(), b2.log2_a.data(), col_shift.data(), x.data(), z.data(),
+                    K.data(), block.data(), col_norm.data(), row_sums.data());
+      const T col_bound = underflow_bound(std::accumulate(x.begin(), x.end(), T(0)));
+      for (int64_t j = 0; j < m && cached; ++j) cached = col_shift[j] == -kInf<T> || col_norm[j] >= col_bound;
+    }
+    const bool rebuild = !cached;
+    if (rebuild) {  // out-of-range z (t = 1 with zero-mass columns) fail the row sums below: direct Pr
+      minus_u = p;
+      w = col_shift;
+      rescaling_factors(q_prev.data(), w.data(), m, z.data());
+      backward_sums<T>(b2.cost, n, m, b2.scale, p.data(), b2.log2_a.data(), col_shift.data(), nullptr, z.data(),
+                       K.data(), block.data(), col_norm.data(), row_sums.data());
+      cached = true;
+    }
+    for (int64_t j = 0; j < m; ++j) col_norm[j] = col_norm[j] > 0 ? T(1) / col_norm[j] : T(0);  // 0: no mass
+    const T row_bound = underflow_bound(std::accumulate(z.begin(), z.end(), T(0)));
+    adjoint_rows(b2.cost, n, m, b2.scale, eps, b2.log2_a.data(), K.data(), rebuild ? nullptr : x.data(),
+                 col_norm.data(), z.data(), row_sums.data(), row_bound, q_prev.data(), G.data(), F.data(), gc.data(),
+                 weights.data(), grad_cost, grad_log_a, block.data(), G_prev.data());
+    std::swap(G, G_prev);
+  }
+}
+
+template int64_t sinkhorn_forward<float>(const SinkhornProblem<float>&, int64_t, float, float*, float*, float*,
+                                         float*);
+template int64_t sinkhorn_forward<double>(const SinkhornProblem<double>&, int64_t, double, double*, double*,
+                                          double*, double*);
+template void sinkhorn_backward<float>(const SinkhornProblem<float>&, const float*, const float*, int64_t,
+                                       const float*, const float*, float*, float*, float*);
+template void sinkhorn_backward<double>(const SinkhornProblem<double>&, const double*, const double*, int64_t,
+                                        const double*, const double*, double*, double*, double*);
+
+}  // namespace s2dc::cpu

@@ -1,0 +1,39 @@
+// The operator library s2dc_C (schemas; the CPU and CUDA bindings register the implementations) and the Python
+// module s2dc_kernels._C: importing it loads the library, which registers torch.ops.s2dc_C.*.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(s2dc_C, m) {
+  // (f, g, f_hist, g_hist, n_done): final potentials (B, N), (B, M), iterates (B, n_iters, N), (B, n_iters, M),
+  // completed iterations int64 (B,); tol <= 0 runs all n_iters.
+  m.def(
+      "sinkhorn_forward(Tensor C, Tensor log_a, Tensor log_b, float eps, int n_iters, float tol) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (grad_C, grad_log_a, grad_log_b) of a loss L(f, g) with adjoints grad_f, grad_g, through the recorded iterates.
+  m.def(
+      "sinkhorn_backward(Tensor C, Tensor log_a, Tensor log_b, float eps, Tensor f_hist, Tensor g_hist, "
+      "Tensor n_done, Tensor grad_f, Tensor grad_g) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// True when the CUDA sources were compiled in, i.e. their kernels are registered.
+PyObject* with_cuda(PyObject* /*module*/, PyObject* /*args*/) {
+  const auto op = c10::Dispatcher::singleton().findOp({"s2dc_C::sinkhorn_forward", ""});
+  return PyBool_FromLong(op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CUDA));
+}
+
+PyMethodDef methods[] = {
+    {"with_cuda", with_cuda, METH_NOARGS, "with_cuda() -> bool: whether the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_C", "Compiled kernels of s2dc_kernels; registers torch.ops.s2dc_C.", -1, methods,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }
