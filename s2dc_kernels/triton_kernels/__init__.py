@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""

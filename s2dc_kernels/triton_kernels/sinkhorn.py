@@ -1,0 +1,440 @@
+"""Log-domain Sinkhorn in Triton: the whole solve (forward) and its exact unrolled gradient (backward).
+
+One problem of the batch, C (N, M), log-marginals log_a (N), log_b (M) (entries may be -inf), eps > 0,
+potentials in cost units, from f = 0, g = 0, for t = 1..n_iters:
+    f_i = eps * (log_a_i - LSE_j((g_j - C_ij) / eps))            # row update, uses g of iteration t-1
+    g_j = eps * (log_b_j - LSE_i((f_i - C_ij) / eps))            # column update, uses the new f
+with the optional stop (tol > 0, t > 1): when the row-marginal L1 error of iteration t-1,
+sum_i |exp(f_i / eps + LSE_j((g_j - C_ij) / eps)) - a_i|, computed from the LSE of iteration t, is below tol,
+the problem stops and keeps the potentials of iteration t-1.
+
+Design (one launch per call, grid = (B,)): one program solves one problem through all its iterations, so no
+host synchronisation happens inside the iteration loop and each problem stops on its own. Each half-step
+streams C from global memory in BLOCK_N x BLOCK_M tiles with an online (running max, rescaled sum) LSE, so
+any N, M works and a small problem stays in L1/L2 between iterations. f and g of iteration t live in the
+history rows f_hist[t-1], g_hist[t-1] that the backward needs anyway; tl.debug_barrier() separates a pass
+that writes them from the pass that reads them (threads of one program read what other threads wrote).
+
+Exponentials are taken in base 2 with the scale log2(e) / eps folded into the one multiply per entry that
+dividing by eps costs anyway: exp(x / eps) = exp2(x * log2(e) / eps). On NVIDIA GPUs tl.exp itself lowers to
+a multiply by log2(e) followed by the ex2 instruction, so this saves one multiply per matrix entry.
+
+eps (and tol) reach the kernels as the int64 bit pattern of the Python float: Triton passes Python floats
+as fp32, which would round eps to about 1e-8 relative and spoil float64 solves.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e)
+
+
+@triton.jit
+def _float_from_bits(bits):
+    """The float64 whose IEEE-754 bit pattern is ``bits`` (an int32 or int64 scalar)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _row_block_lse2(
+    C_ptr, g_ptr, g_valid, rows, row_mask, M, scale, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """Base-2 LSE_j((g_j - C_ij) * scale) for the rows ``rows`` (BLOCK_N,), streamed over column blocks.
+
+    g = 0 when ``g_valid`` is false (the zero g of iteration 0; ``g_ptr`` must still be readable).
+    Online LSE: a running max m and a sum s rescaled by exp2(m_old - m_new) whenever the max grows; a max
+    of -inf is shifted by 0 instead, so a row whose entries are all -inf ends with s = 0 and LSE = -inf,
+    never NaN. Reads C[rows, :] and g once.
+    """
+    dtype = C_ptr.dtype.element_ty
+    cols_in_block = tl.arange(0, BLOCK_M)
+    run_max = tl.full([BLOCK_N], float("-inf"), dtype)
+    run_sum = tl.zeros([BLOCK_N], dtype)
+    for col_start in range(0, M, BLOCK_M):
+        cols = col_start + cols_in_block
+        col_mask = cols < M
+        g = tl.load(g_ptr + cols, mask=col_mask, other=float("-inf"))
+        g = tl.where(g_valid, g, tl.where(col_mask, 0.0, float("-inf")))
+        cost = tl.load(
+            C_ptr + rows[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        )
+        x = (g[None, :] - cost) * scale
+        new_max = tl.maximum(run_max, tl.max(x, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2(run_max - shift) + tl.sum(tl.exp2(x - shift[:, None]), axis=1)
+        run_max = new_max
+    return run_max + tl.log2(run_sum)
+
+
+@triton.jit
+def _col_block_lse2(C_ptr, f_ptr, cols, col_mask, N, M, scale, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Base-2 LSE_i((f_i - C_ij) * scale) for the columns ``cols`` (BLOCK_M,), streamed over row blocks.
+
+    The same online LSE as ``_row_block_lse2``, transposed. Reads C[:, cols] and f once.
+    """
+    dtype = C_ptr.dtype.element_ty
+    rows_in_block = tl.arange(0, BLOCK_N)
+    run_max = tl.full([BLOCK_M], float("-inf"), dtype)
+    run_sum = tl.zeros([BLOCK_M], dtype)
+    for row_start in range(0, N, BLOCK_N):
+        rows = row_start + rows_in_block
+        row_mask = rows < N
+        f = tl.load(f_ptr + rows, mask=row_mask, other=float("-inf"))
+        cost = tl.load(
+            C_ptr + rows[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        )
+        x = (f[:, None] - cost) * scale
+        new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2(run_max - shift) + tl.sum(tl.exp2(x - shift[None, :]), axis=0)
+        run_max = new_max
+    return run_max + tl.log2(run_sum)
+
+
+@triton.jit(do_not_specialize=["n_iters", "eps_bits", "scale_bits", "tol_bits"])
+def sinkhorn_log_forward_kernel(
+    C_ptr,
+    log_a_ptr,
+    log_b_ptr,
+    f_ptr,
+    g_ptr,
+    f_hist_ptr,
+    g_hist_ptr,
+    n_done_ptr,
+    N,
+    M,
+    n_iters,
+    eps_bits,
+    scale_bits,
+    tol_bits,
+    CHECK_TOL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Solve one problem (program b of grid (B,)) through all its Sinkhorn iterations.
+
+    C (B, N, M), log_a (B, N), log_b (B, M) in; f (B, N), g (B, M), f_hist (B, n_iters, N),
+    g_hist (B, n_iters, M), n_done (B,) int64 out. Iteration t:
+        lse2_i = LSE2_j((g^{t-1}_j - C_ij) * scale)          scale = log2(e) / eps, g^0 = 0
+        [CHECK_TOL, t > 1]  err = sum_i |exp2(f^{t-1}_i * scale + lse2_i) - a_i|;  stop if err < tol
+        f^t_i = eps * log_a_i - lse2_i / scale               -> f_hist[t-1]
+        g^t_j = eps * log_b_j - LSE2_i((f^t_i - C_ij) * scale) / scale   -> g_hist[t-1]
+    Then f, g = f_hist[n_done-1], g_hist[n_done-1]. Memory traffic per iteration: C read twice
+    (4 or 8 * N * M bytes: one row pass, one column pass), g read ceil(N / BLOCK_N) times and f read
+    ceil(M / BLOCK_M) times, f and g written once; no N x M temporary.
+    """
+    dtype = C_ptr.dtype.element_ty
+    eps = _float_from_bits(eps_bits).to(dtype)
+    scale = _float_from_bits(scale_bits).to(dtype)
+    inv_scale = 1.0 / scale  # eps * ln(2): turns a base-2 LSE back into cost units
+    tol = _float_from_bits(tol_bits).to(dtype)
+
+    problem = tl.program_id(0).to(tl.int64)
+    C_ptr += problem * N * M
+    log_a_ptr += problem * N
+    log_b_ptr += problem * M
+    f_ptr += problem * N
+    g_ptr += problem * M
+    f_hist_ptr += problem * n_iters * N
+    g_hist_ptr += problem * n_iters * M
+    rows_in_block = tl.arange(0, BLOCK_N)
+    cols_in_block = tl.arange(0, BLOCK_M)
+
+    n_done = tl.full([], 0, tl.int32)
+    converged = tl.full([], 0, tl.int32)
+    for t in range(1, n_iters + 1):
+        if converged == 0:
+            f_new_ptr = f_hist_ptr + (t - 1) * N
+            # f^{t-1}, g^{t-1} (row 0 stands in at t = 1: g^0 = 0 is used instead, the error is not checked)
+            f_old_ptr = f_hist_ptr + tl.maximum(t - 2, 0) * N
+            g_old_ptr = g_hist_ptr + tl.maximum(t - 2, 0) * M
+            # Row update; with CHECK_TOL the same LSE also gives the row marginal of iteration t-1.
+            err_rows = tl.zeros([BLOCK_N], dtype)
+            for row_start in range(0, N, BLOCK_N):
+                rows = row_start + rows_in_block
+                row_mask = rows < N
+                lse2 = _row_block_lse2(C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M)
+                log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=0.0)
+                if CHECK_TOL:
+                    f_old = tl.load(f_old_ptr + rows, mask=row_mask, other=0.0)
+                    row_mass = tl.exp2(f_old * scale + lse2)
+                    err_rows += tl.where(row_mask, tl.abs(row_mass - tl.exp(log_a)), 0.0)
+                tl.store(f_new_ptr + rows, eps * log_a - lse2 * inv_scale, mask=row_mask)
+            tl.debug_barrier()
+            if CHECK_TOL:
+                converged = ((t > 1) & (tl.sum(err_rows, axis=0) < tol)).to(tl.int32)
+            if converged == 0:
+                # Column update with the f just written.
+                g_new_ptr = g_hist_ptr + (t - 1) * M
+                for col_start in range(0, M, BLOCK_M):
+                    cols = col_start + cols_in_block
+                    col_mask = cols < M
+                    lse2 = _col_block_lse2(C_ptr, f_new_ptr, cols, col_mask, N, M, scale, BLOCK_N, BLOCK_M)
+                    log_b = tl.load(log_b_ptr + cols, mask=col_mask, other=0.0)
+                    tl.store(g_new_ptr + cols, eps * log_b - lse2 * inv_scale, mask=col_mask)
+                tl.debug_barrier()
+                n_done = t
+
+    for row_start in range(0, N, BLOCK_N):
+        rows = row_start + rows_in_block
+        row_mask = rows < N
+        tl.store(f_ptr + rows, tl.load(f_hist_ptr + (n_done - 1) * N + rows, mask=row_mask), mask=row_mask)
+    for col_start in range(0, M, BLOCK_M):
+        cols = col_start + cols_in_block
+        col_mask = cols < M
+        tl.store(g_ptr + cols, tl.load(g_hist_ptr + (n_done - 1) * M + cols, mask=col_mask), mask=col_mask)
+    tl.store(n_done_ptr + problem, n_done.to(tl.int64))
+
+
+@triton.jit
+def _col_softmax_shift(g_ptr, log_b_ptr, cols, col_mask, eps):
+    """v_j = g_j - eps * log_b_j = -eps * LSE_i((f_i - C_ij) / eps) for the columns ``cols``.
+
+    Pc_ij = exp((f_i + v_j - C_ij) / eps) is then the column softmax of the g update. Zero-mass columns
+    (log_b_j = -inf) and columns past M get v_j = -inf, so their weights are exactly 0, never NaN.
+    """
+    g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+    log_b = tl.load(log_b_ptr + cols, mask=col_mask, other=float("-inf"))
+    return tl.where(log_b > float("-inf"), g - eps * log_b, float("-inf"))
+
+
+@triton.jit(do_not_specialize=["n_iters", "eps_bits", "scale_bits"])
+def sinkhorn_log_backward_kernel(
+    C_ptr,
+    log_a_ptr,
+    log_b_ptr,
+    f_hist_ptr,
+    g_hist_ptr,
+    n_done_ptr,
+    grad_f_ptr,
+    adj_g_ptr,
+    grad_C_ptr,
+    grad_log_a_ptr,
+    grad_log_b_ptr,
+    N,
+    M,
+    n_iters,
+    eps_bits,
+    scale_bits,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Backpropagate through the n_done iterations of one problem (program b of grid (B,)).
+
+    C (B, N, M), log_a (B, N), log_b (B, M), f_hist (B, n_iters, N), g_hist (B, n_iters, M), n_done (B,),
+    grad_f (B, N) in; adj_g (B, 2, M) scratch holding grad_g in adj_g[:, 0] and zeros in adj_g[:, 1];
+    grad_C (B, N, M), grad_log_a (B, N), grad_log_b (B, M) zero-initialised and accumulated. With
+    adjoints F of f^t and G of g^t (F = grad_f, G = grad_g at t = n_done), for t = n_done down to 1:
+        Pc_ij = exp((f^t_i + g^t_j - C_ij) / eps - log_b_j)       (softmax over i: g^t's LSE)
+        Pr_ij = exp((f^t_i + g^{t-1}_j - C_ij) / eps - log_a_i)   (softmax over j: f^t's LSE; g^0 = 0)
+        F_i -= sum_j G_j Pc_ij                      (dg^t_j / df^t_i = -Pc_ij)
+        grad_C_ij += G_j Pc_ij + F_i Pr_ij          (dg^t_j / dC_ij = Pc_ij, df^t_i / dC_ij = Pr_ij)
+        G'_j = -sum_i F_i Pr_ij                     (adjoint of g^{t-1}; df^t_i / dg^{t-1}_j = -Pr_ij)
+        grad_log_a_i += eps F_i;  grad_log_b_j += eps G_j;  G = G', F = 0
+    A row block finishes F_i over all columns (sweep 1), then updates its grad_C tiles and G' (sweep 2),
+    so F never leaves registers; G and G' ping-pong in adj_g. Memory traffic per iteration: C read twice,
+    grad_C read and written once (4 passes of N x M), G read 2 * ceil(N / BLOCK_N) times and G' read and
+    written ceil(N / BLOCK_N) times; no N x M temporary beyond grad_C itself.
+    """
+    dtype = C_ptr.dtype.element_ty
+    eps = _float_from_bits(eps_bits).to(dtype)
+    scale = _float_from_bits(scale_bits).to(dtype)
+
+    problem = tl.program_id(0).to(tl.int64)
+    C_ptr += problem * N * M
+    grad_C_ptr += problem * N * M
+    log_a_ptr += problem * N
+    grad_f_ptr += problem * N
+    grad_log_a_ptr += problem * N
+    log_b_ptr += problem * M
+    grad_log_b_ptr += problem * M
+    adj_g_ptr += problem * 2 * M
+    f_hist_ptr += problem * n_iters * N
+    g_hist_ptr += problem * n_iters * M
+    rows_in_block = tl.arange(0, BLOCK_N)
+    cols_in_block = tl.arange(0, BLOCK_M)
+
+    n_done = tl.load(n_done_ptr + problem).to(tl.int32)
+    for step in range(0, n_done):
+        t = n_done - step
+        adj_g_cur_ptr = adj_g_ptr + (step % 2) * M
+        adj_g_new_ptr = adj_g_ptr + ((step + 1) % 2) * M
+        f_t_ptr = f_hist_ptr + (t - 1) * N
+        g_t_ptr = g_hist_ptr + (t - 1) * M
+        g_prev_ptr = g_hist_ptr + tl.maximum(t - 2, 0) * M  # g^{t-1}; at t = 1 g^0 = 0 is used instead
+        for row_start in range(0, N, BLOCK_N):
+            rows = row_start + rows_in_block
+            row_mask = rows < N
+            f_t = tl.load(f_t_ptr + rows, mask=row_mask, other=float("-inf"))
+            log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=float("-inf"))
+            # u_i = f_i - eps * log_a_i = -eps * LSE_j(...): Pr_ij = exp((u_i + g^{t-1}_j - C_ij) / eps);
+            # -inf for zero-mass rows and rows past N (weights exactly 0).
+            u = tl.where(log_a > float("-inf"), f_t - eps * log_a, float("-inf"))
+            adj_f = tl.where(step == 0, tl.load(grad_f_ptr + rows, mask=row_mask, other=0.0), 0.0)
+
+            # Sweep 1: the g^t update's contribution to F over all columns.
+            for col_start in range(0, M, BLOCK_M):
+                cols = col_start + cols_in_block
+                col_mask = cols < M
+                v = _col_softmax_shift(g_t_ptr, log_b_ptr, cols, col_mask, eps)
+                adj_g = tl.load(adj_g_cur_ptr + cols, mask=col_mask, other=0.0)
+                cost = tl.load(
+                    C_ptr + rows[:, None] * M + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0,
+                )
+                p_col = tl.exp2((f_t[:, None] + v[None, :] - cost) * scale)
+                adj_f -= tl.sum(adj_g[None, :] * p_col, axis=1)
+
+            # Sweep 2: grad_C tiles and the adjoint of g^{t-1}, with the complete F of this row block.
+            for col_start in range(0, M, BLOCK_M):
+                cols = col_start + cols_in_block
+                col_mask = cols < M
+                tile_mask = row_mask[:, None] & col_mask[None, :]
+                tile_offsets = rows[:, None] * M + cols[None, :]
+                v = _col_softmax_shift(g_t_ptr, log_b_ptr, cols, col_mask, eps)
+                adj_g = tl.load(adj_g_cur_ptr + cols, mask=col_mask, other=0.0)
+                g_prev = tl.load(g_prev_ptr + cols, mask=col_mask, other=float("-inf"))
+                g_prev = tl.where(t > 1, g_prev, tl.where(col_mask, 0.0, float("-inf")))
+                cost = tl.load(C_ptr + tile_offsets, mask=tile_mask, other=0.0)
+                p_col = tl.exp2((f_t[:, None] + v[None, :] - cost) * scale)
+                p_row = tl.exp2((u[:, None] + g_prev[None, :] - cost) * scale)
+                grad_cost = tl.load(grad_C_ptr + tile_offsets, mask=tile_mask, other=0.0)
+                grad_cost += adj_g[None, :] * p_col + adj_f[:, None] * p_row
+                tl.store(grad_C_ptr + tile_offsets, grad_cost, mask=tile_mask)
+                adj_g_new = tl.load(adj_g_new_ptr + cols, mask=col_mask, other=0.0)
+                adj_g_new -= tl.sum(adj_f[:, None] * p_row, axis=0)
+                tl.store(adj_g_new_ptr + cols, adj_g_new, mask=col_mask)
+
+            grad_log_a = tl.load(grad_log_a_ptr + rows, mask=row_mask, other=0.0)
+            tl.store(grad_log_a_ptr + rows, grad_log_a + eps * adj_f, mask=row_mask)
+            tl.debug_barrier()  # the next row block reads G' that other threads wrote
+
+        # G of g^t is complete: add it to grad_log_b and clear its buffer, which holds G' of the next step.
+        for col_start in range(0, M, BLOCK_M):
+            cols = col_start + cols_in_block
+            col_mask = cols < M
+            adj_g = tl.load(adj_g_cur_ptr + cols, mask=col_mask, other=0.0)
+            grad_log_b = tl.load(grad_log_b_ptr + cols, mask=col_mask, other=0.0)
+            tl.store(grad_log_b_ptr + cols, grad_log_b + eps * adj_g, mask=col_mask)
+            tl.store(adj_g_cur_ptr + cols, tl.zeros([BLOCK_M], dtype), mask=col_mask)
+        tl.debug_barrier()
+
+
+def _float_bits(x: float) -> int:
+    """The IEEE-754 binary64 bit pattern of ``x`` as a signed int64 (see the module docstring)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _tile_config(
+    N: int, M: int, dtype: torch.dtype, block_n: int | None, block_m: int | None
+) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps): power-of-two tiles, one tile for sides up to 16, at most 64 x 128.
+
+    Columns are the contiguous axis, so they get the wider side (coalesced loads). A tile holds at most
+    16 KiB (4096 fp32 / 2048 fp64 entries); 4 warps, 8 from 8 KiB up (at most 64 bytes of a tile per
+    thread). For sm_90 (Triton 3.6 and 3.9, ptxas) these use up to ~250 registers and spill at most a few
+    dozen bytes; 64-row fp32 tiles with 4 warps spilled 150-220 bytes.
+    """
+    itemsize = torch.finfo(dtype).bits // 8
+    block_m = block_m or min(128, max(16, triton.next_power_of_2(M)))
+    block_n = block_n or min(64, max(16, triton.next_power_of_2(N)), max(16, 16384 // (itemsize * block_m)))
+    num_warps = 8 if block_n * block_m * itemsize >= 8192 else 4
+    return block_n, block_m, num_warps
+
+
+def _check_inputs(C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> tuple[int, int, int]:
+    """(B, N, M) of the problem, after checking shapes and dtypes."""
+    if C.dim() != 3 or log_a.shape != C.shape[:2] or log_b.shape != (C.shape[0], C.shape[2]):
+        raise ValueError(
+            f"expected C (B, N, M), log_a (B, N), log_b (B, M), got {tuple(C.shape)}, "
+            f"{tuple(log_a.shape)}, {tuple(log_b.shape)}"
+        )
+    if C.dtype not in (torch.float32, torch.float64) or log_a.dtype != C.dtype or log_b.dtype != C.dtype:
+        raise TypeError(
+            f"expected float32 or float64 inputs of one dtype, got {C.dtype}, {log_a.dtype}, {log_b.dtype}"
+        )
+    return C.shape
+
+
+def sinkhorn_forward(
+    C: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    eps: float,
+    n_iters: int,
+    tol: float,
+    *,
+    block_n: int | None = None,
+    block_m: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-domain Sinkhorn for a batch in one launch (see the module docstring for the iteration).
+
+    C (B, N, M), log_a (B, N), log_b (B, M): contiguous, float32 or float64, one dtype; eps > 0;
+    n_iters >= 1; tol <= 0 turns the stopping check off. ``block_n``/``block_m`` (powers of two >= 16)
+    override the tile shape. Returns f (B, N), g (B, M), f_hist (B, n_iters, N), g_hist (B, n_iters, M)
+    (rows at index >= n_done hold zeros or the rejected candidate of the stopping iteration) and
+    n_done (B,) int64.
+    """
+    B, N, M = _check_inputs(C, log_a, log_b)
+    if n_iters < 1:
+        raise ValueError(f"n_iters must be >= 1, got {n_iters}")
+    C, log_a, log_b = C.contiguous(), log_a.contiguous(), log_b.contiguous()
+    f = C.new_empty(B, N)
+    g = C.new_empty(B, M)
+    f_hist = C.new_zeros(B, n_iters, N)
+    g_hist = C.new_zeros(B, n_iters, M)
+    n_done = torch.zeros(B, dtype=torch.int64, device=C.device)
+    if B == 0:
+        return f, g, f_hist, g_hist, n_done
+    block_n, block_m, num_warps = _tile_config(N, M, C.dtype, block_n, block_m)
+    sinkhorn_log_forward_kernel[(B,)](
+        C, log_a, log_b, f, g, f_hist, g_hist, n_done,
+        N, M, n_iters, _float_bits(eps), _float_bits(LOG2E / eps), _float_bits(tol),
+        CHECK_TOL=tol > 0, BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
+    )  # fmt: skip
+    return f, g, f_hist, g_hist, n_done
+
+
+def sinkhorn_backward(
+    C: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    eps: float,
+    f_hist: torch.Tensor,
+    g_hist: torch.Tensor,
+    n_done: torch.Tensor,
+    grad_f: torch.Tensor,
+    grad_g: torch.Tensor,
+    *,
+    block_n: int | None = None,
+    block_m: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact gradient of L(f, g) through the unrolled iterations of ``sinkhorn_forward``, in one launch.
+
+    C (B, N, M), log_a (B, N), log_b (B, M), f_hist (B, n_iters, N), g_hist (B, n_iters, M), n_done (B,)
+    int64 as given to / returned by the forward; grad_f (B, N), grad_g (B, M) = dL/df, dL/dg.
+    Returns grad_C (B, N, M), grad_log_a (B, N), grad_log_b (B, M). Terms of zero-mass rows/columns
+    (log-marginal -inf) have weight 0 (never NaN). Extra memory: a (B, 2, M) adjoint scratch.
+    """
+    B, N, M = _check_inputs(C, log_a, log_b)
+    C, log_a, log_b = C.contiguous(), log_a.contiguous(), log_b.contiguous()
+    grad_C = torch.zeros_like(C)
+    grad_log_a = torch.zeros_like(log_a)
+    grad_log_b = torch.zeros_like(log_b)
+    if B == 0:
+        return grad_C, grad_log_a, grad_log_b
+    adj_g = torch.stack((grad_g.to(C.dtype), torch.zeros_like(log_b)), dim=1)  # (B, 2, M): G, G'
+    block_n, block_m, num_warps = _tile_config(N, M, C.dtype, block_n, block_m)
+    sinkhorn_log_backward_kernel[(B,)](
+        C, log_a, log_b, f_hist.contiguous(), g_hist.contiguous(), n_done.contiguous(),
+        grad_f.to(C.dtype).contiguous(), adj_g, grad_C, grad_log_a, grad_log_b,
+        N, M, f_hist.shape[1], _float_bits(eps), _float_bits(LOG2E / eps),
+        BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
+    )  # fmt: skip
+    return grad_C, grad_log_a, grad_log_b
