@@ -118,8 +118,10 @@ def check_tensor(name: str, t: object, ndims: Sequence[int], *, finite: bool = T
     if t.dim() not in ndims:
         want = " or ".join(str(n) for n in ndims)
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
-    if finite and check_values() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    if finite and check_values() and t.numel():
+        low, high = torch.aminmax(t.detach())  # one pass, no bool temporary; NaN and inf propagate into it
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise ValueError(f"{name} contains NaN or inf")
     return t
 
 
