@@ -1,0 +1,184 @@
+"""Benchmark the Sinkhorn family: sinkhorn, log_optimal_transport (dustbin OT), sinkhorn_knopp.
+
+Providers: every available backend of ours ("s2dc-<backend>"), "eager" (the reference), "compile"
+(torch.compile of ONE iteration, the loop in Python, as in anchors.md), "pot" (POT's batched
+log-domain solver, tol=0) and "official-loop" (SuperGlue / S2DC's solver run problem by problem).
+
+    python benchmarks/bench_sinkhorn.py [--quick | --gpu] [--csv FILE] [--providers a,b] [--ops a,b]
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import harness
+import torch
+
+import s2dc_kernels
+from s2dc_kernels import reference
+from s2dc_kernels.reference.sinkhorn import plan_from_potentials, uniform_log_marginal
+from s2dc_kernels.sinkhorn import SOLVER_BACKENDS
+
+EPS = 0.05  # anchors.md: eps 0.05, uniform marginals, cost uniform in [0, 1)
+DUSTBIN_ALPHA = 1.0  # S2DC's dustbin score (method.md, section 7)
+
+# (B, N, M, iterations, modes); anchors.md's rows on GPUs, its CPU rows otherwise.
+SINKHORN_SHAPES = {
+    "quick": [(16, 216, 216, 50, ("fwd", "fwd+bwd"))],
+    "cpu": [(16, 216, 216, 50, ("fwd", "fwd+bwd")), (8, 512, 512, 50, ("fwd", "fwd+bwd"))],
+    "gpu": [
+        (16, 64, 64, 50, ("fwd", "fwd+bwd")),
+        (16, 216, 216, 50, ("fwd", "fwd+bwd")),
+        (8, 512, 512, 50, ("fwd", "fwd+bwd")),
+        (4, 2048, 2048, 50, ("fwd", "fwd+bwd")),
+        (1, 4096, 16384, 20, ("fwd", "fwd+bwd")),
+        (1, 8192, 65536, 3, ("fwd",)),
+    ],
+}
+# (B, N, M scores before the dustbin row and column, iterations, modes): S2DC's B*3 problems of 144 patches.
+DUSTBIN_SHAPES = {
+    "quick": [(16, 144, 144, 100, ("fwd+bwd",))],
+    "cpu": [(16, 144, 144, 100, ("fwd", "fwd+bwd"))],
+    "gpu": [(12, 144, 144, 100, ("fwd", "fwd+bwd")), (48, 144, 144, 100, ("fwd", "fwd+bwd"))],
+}
+# (B samples, K prototypes, iterations): SwAV / DINOv2 teacher targets.
+KNOPP_SHAPES = {"quick": [(256, 8192, 3)], "cpu": [(256, 65536, 3)]}
+KNOPP_SHAPES["gpu"] = [(5000, 65536, 3), (8192, 65536, 3), (256, 65536, 3)]
+POT_MAX_ENTRIES = 2**28  # POT's temporaries at 8192 x 65536 are several times the 2 GB cost
+
+
+def log_sinkhorn_step(C, log_a, log_b, f, g, eps: float):
+    """One alternating iteration of the reference loop: f from g, then g from the new f (cost units)."""
+    f = eps * (log_a - torch.logsumexp((g[:, None, :] - C) / eps, dim=2))
+    g = eps * (log_b - torch.logsumexp((f[:, :, None] - C) / eps, dim=1))
+    return f, g
+
+
+def loop_of(step, C, log_a, log_b, eps: float, n_iters: int):
+    """Potentials after ``n_iters`` calls of ``step`` from zero potentials."""
+    f, g = C.new_zeros(log_a.shape), C.new_zeros(log_b.shape)
+    for _ in range(n_iters):
+        f, g = step(C, log_a, log_b, f, g, eps)
+    return f, g
+
+
+def sinkhorn_by_steps(step, C, eps: float, n_iters: int):
+    """The reference sinkhorn (uniform marginals) with its iteration replaced by ``step``."""
+    B, N, M = C.shape
+    log_a, log_b = uniform_log_marginal(None, B, N, C), uniform_log_marginal(None, B, M, C)
+    f, g = loop_of(step, C, log_a, log_b, eps, n_iters)
+    return plan_from_potentials(C, f, g, eps)
+
+
+def dustbin_by_steps(step, scores, alpha, n_iters: int):
+    """SuperGlue's log_optimal_transport with its iteration replaced by ``step``.
+
+    Its update u = log_mu - LSE_j(Z_ij + v_j) is the sinkhorn f-update with eps = 1 and cost C = -Z.
+    """
+    B, N, M = scores.shape
+    Z = torch.cat([torch.cat([scores, alpha.expand(B, N, 1)], -1), alpha.expand(B, 1, M + 1)], 1)
+    norm = -math.log(N + M)
+    log_mu = Z.new_full((B, N + 1), norm)
+    log_nu = Z.new_full((B, M + 1), norm)
+    log_mu[:, N], log_nu[:, M] = math.log(M) + norm, math.log(N) + norm
+    u, v = loop_of(step, -Z, log_mu, log_nu, 1.0, n_iters)
+    return Z + u[:, :, None] + v[:, None, :] - norm
+
+
+def swav_step(Q, K: int, B: int):
+    """One SwAV Sinkhorn-Knopp iteration on Q (K, B): rows to mass 1/K, then columns to 1/B."""
+    Q = Q / Q.sum(dim=1, keepdim=True) / K
+    return Q / Q.sum(dim=0, keepdim=True) / B
+
+
+def knopp_by_steps(step, logits, eps: float, n_iters: int):
+    """The reference sinkhorn_knopp with its iteration replaced by ``step``."""
+    Q = torch.exp(logits / eps).t()
+    K, B = Q.shape
+    Q = Q / Q.sum()
+    for _ in range(n_iters):
+        Q = step(Q, K, B)
+    return (Q * B).t()
+
+
+def uniform_cost(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor]:
+    return (torch.rand(shape, device=device),)
+
+
+def cosine_scores(
+    shape: tuple[int, int, int], device: torch.device, dim: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S2DC's L_p2p inputs: cosine scores of unit 512-d rows (B, N, M), and the dustbin score alpha."""
+    B, N, M = shape
+    q = torch.nn.functional.normalize(torch.randn(B, N, dim, device=device), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, M, dim, device=device), dim=-1)
+    return q @ k.mT, torch.tensor(DUSTBIN_ALPHA, device=device)
+
+
+def prototype_scores(shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor]:
+    """Scores of unit vectors against unit prototypes lie in [-1, 1]: exp(1 / 0.05) does not overflow fp32."""
+    return (torch.rand(shape, device=device) * 2 - 1,)
+
+
+def official_loop(scores: torch.Tensor, alpha: torch.Tensor, n_iters: int) -> torch.Tensor:
+    """S2DC's training code: one SuperGlue solve per problem in a Python loop."""
+    return torch.cat([reference.log_optimal_transport(s[None], alpha, n_iters) for s in scores])
+
+
+def pot_plan(C, eps: float, n_iters: int, grad: str):
+    import ot
+
+    return ot.batch.solve_batch(C, reg=eps, max_iter=n_iters, tol=0, method="log_sinkhorn", grad=grad).plan
+
+
+def make_cases(args) -> list[harness.Case]:
+    preset, device = args.preset.name, args.device
+    ours = harness.our_backends(SOLVER_BACKENDS, device)
+    has_pot = importlib.util.find_spec("ot") is not None
+    compiled_step, compiled_swav = harness.compiled(log_sinkhorn_step), harness.compiled(swav_step)
+    partial = functools.partial
+    cases = []
+    # S2DC's own workload first: a GPU check cut short by its time limit still has it.
+    for B, N, M, iters, modes in DUSTBIN_SHAPES[preset]:
+        for mode in modes:
+            providers = {
+                f"s2dc-{b}": partial(s2dc_kernels.log_optimal_transport, n_iters=iters, backend=b)
+                for b in ours
+            }
+            providers["eager"] = partial(reference.log_optimal_transport, n_iters=iters)
+            providers["compile"] = partial(dustbin_by_steps, compiled_step, n_iters=iters)
+            providers["official-loop"] = partial(official_loop, n_iters=iters)
+            inputs = partial(cosine_scores, (B, N, M))
+            cases.append(
+                harness.Case("log_optimal_transport", f"{B}x{N}x{M}+bin {iters}it", mode, inputs, providers)
+            )
+
+    for B, N, M, iters, modes in SINKHORN_SHAPES[preset]:
+        for mode in modes:
+            providers = {
+                f"s2dc-{b}": partial(s2dc_kernels.sinkhorn, eps=EPS, n_iters=iters, backend=b) for b in ours
+            }
+            providers["eager"] = partial(reference.sinkhorn, eps=EPS, n_iters=iters)
+            providers["compile"] = partial(sinkhorn_by_steps, compiled_step, eps=EPS, n_iters=iters)
+            if has_pot and B * N * M <= POT_MAX_ENTRIES:
+                grad = "autodiff" if mode == "fwd+bwd" else "detach"
+                providers["pot"] = partial(pot_plan, eps=EPS, n_iters=iters, grad=grad)
+            inputs = partial(uniform_cost, (B, N, M))
+            cases.append(harness.Case("sinkhorn", f"{B}x{N}x{M} {iters}it", mode, inputs, providers))
+
+    for B, K, iters in KNOPP_SHAPES[preset]:
+        providers = {
+            f"s2dc-{b}": partial(s2dc_kernels.sinkhorn_knopp, eps=EPS, n_iters=iters, backend=b)
+            for b in harness.our_backends(("torch",), device)
+        }
+        providers["eager"] = partial(reference.sinkhorn_knopp, eps=EPS, n_iters=iters)
+        providers["compile"] = partial(knopp_by_steps, compiled_swav, eps=EPS, n_iters=iters)
+        inputs = partial(prototype_scores, (B, K))
+        cases.append(harness.Case("sinkhorn_knopp", f"{B}x{K} {iters}it", "fwd", inputs, providers))
+    return cases
+
+
+if __name__ == "__main__":
+    harness.main("bench_sinkhorn", make_cases)
