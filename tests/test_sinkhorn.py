@@ -306,3 +306,17 @@ def test_log_optimal_transport_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         sk.log_optimal_transport(**args)
+
+
+def test_s2dc_backend_environment_overrides_auto(monkeypatch):
+    C = torch.rand(2, 5, 3, dtype=torch.float64)
+    assert set(sk.available_backends()) == {"torch", "cpp", "triton", "cuda"}
+    monkeypatch.setenv("S2DC_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        sk.sinkhorn(C)
+    assert sk.sinkhorn_knopp(torch.rand(4, 3)).shape == (4, 3)  # an op without that backend keeps "auto"
+    monkeypatch.setenv("S2DC_BACKEND", "torch")
+    assert_close(sk.sinkhorn(C, n_iters=5), ref.sinkhorn(C, n_iters=5))
+    monkeypatch.setenv("S2DC_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="S2DC_BACKEND"):
+        sk.sinkhorn(C)
