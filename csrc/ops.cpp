@@ -15,6 +15,13 @@ TORCH_LIBRARY(s2dc_C, m) {
   m.def(
       "sinkhorn_backward(Tensor C, Tensor log_a, Tensor log_b, float eps, Tensor f_hist, Tensor g_hist, "
       "Tensor n_done, Tensor grad_f, Tensor grad_g) -> (Tensor, Tensor, Tensor)");
+  // (values, indices) (B, N, k), best first (int64 indices into y's rows): the k largest cosine similarities
+  // (metric 0) or inner products (1), or the k smallest Euclidean distances (2), of each row of x (B, N, D) among
+  // the rows of y (B, M, D); exclude_self skips the pairs (i, i). Computed in block_rows x block_cols score tiles,
+  // never the (N, M) matrix. No gradient (the Python layer recomputes differentiable values from the indices).
+  m.def(
+      "knn_forward(Tensor x, Tensor y, int k, int metric, bool exclude_self, int block_rows=128, "
+      "int block_cols=2048) -> (Tensor, Tensor)");
 }
 
 namespace {

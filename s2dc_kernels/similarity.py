@@ -1,9 +1,10 @@
 """Public similarity ops: cosine similarity, k-nearest neighbours, neighbourhood consistency (L_nc).
 
-Each function checks its inputs, resolves the backend (only "torch" implements these ops for now)
-and runs the reference in ``s2dc_kernels.reference.similarity``. Inputs are (B, N, D) batches of
-row vectors or single (N, D) problems; outputs keep the rank. Empty batches and non-contiguous
-inputs are fine.
+Each function checks its inputs, resolves the backend and runs the reference in
+``s2dc_kernels.reference.similarity`` ("torch") or, for knn, the fused kernel of the compiled extension
+("cpp": ``torch.ops.s2dc_C.knn_forward``, score tiles merged into running top-k lists, no N x M matrix).
+Inputs are (B, N, D) batches of row vectors or single (N, D) problems; outputs keep the rank. Empty
+batches and non-contiguous inputs are fine.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from s2dc_kernels._utils import (
     check_same_device,
     check_tensor,
     check_values,
+    extension,
     resolve_backend,
 )
 from s2dc_kernels.reference import similarity as reference
 
 METRICS = ("cosine", "dot", "l2")
-SUPPORTED_BACKENDS = ("torch",)
+SUPPORTED_BACKENDS = ("torch",)  # cosine_similarity, neighborhood_consistency
+KNN_BACKENDS = ("torch", "cpp")
 
 
 def _check_pair(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor | None, torch.device]:
@@ -93,7 +96,9 @@ def knn(
         metric: "cosine", "dot" or "l2".
         exclude_self: never return j = i for query i (for y None, or y with rows paired to x's:
             then y must have N rows).
-        backend: "auto" or "torch" (the only backend of this op).
+        backend: "auto", "torch" (the reference: the (B, N, M) score matrix) or "cpp" (CPU tensors, the
+            compiled extension: memory O(B N k) plus a bounded tile per thread; l2 neighbours are ranked by
+            the GEMM expansion of the distance, so pairs whose distances differ by rounding may swap).
 
     Returns:
         values (B, N, k) or (N, k) in x's dtype, and int64 indices into y's rows of the same shape.
@@ -110,8 +115,42 @@ def knn(
     if k > available:
         what = f"M - 1 = {available} with exclude_self" if exclude_self else f"M = {m}"
         raise ValueError(f"k must be at most the number of candidate neighbours ({what}), got {k}")
-    resolve_backend(backend, op="knn", device=device, supported=SUPPORTED_BACKENDS)
-    return reference.knn(x, y, k=k, metric=metric, exclude_self=exclude_self)
+    backend = resolve_backend(backend, op="knn", device=device, supported=KNN_BACKENDS)
+    if backend == "torch":
+        return reference.knn(x, y, k=k, metric=metric, exclude_self=exclude_self)
+    return _knn_cpp(x, y, k=k, metric=metric, exclude_self=exclude_self)
+
+
+@torch.library.custom_op("s2dc::knn_select", mutates_args=())
+def knn_select(
+    x: torch.Tensor, y: torch.Tensor | None, k: int, metric: int, exclude_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused CPU kernel: (values, int64 indices), (B, N, k) each, best first; y None searches x itself
+    (the kernel then computes only the upper triangle of the symmetric score matrix). No autograd: the
+    differentiable values are recomputed from the chosen pairs by the caller."""
+    extension()  # registers torch.ops.s2dc_C
+    return tuple(torch.ops.s2dc_C.knn_forward(x, x if y is None else y, k, metric, exclude_self))
+
+
+@knn_select.register_fake
+def _(x, y, k, metric, exclude_self):
+    return x.new_empty(*x.shape[:2], k), x.new_empty(*x.shape[:2], k, dtype=torch.int64)
+
+
+def _knn_cpp(
+    x: torch.Tensor, y: torch.Tensor | None, *, k: int, metric: str, exclude_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """knn on the "cpp" backend: indices (and values) from the fused kernel; differentiable values recomputed
+    from the chosen pairs (reference.knn_values) when x or y requires grad."""
+    batched = x.dim() == 3
+    x3 = (x if batched else x.unsqueeze(0)).detach()
+    y3 = None if y is None else (y if batched else y.unsqueeze(0)).detach()
+    values, indices = knn_select(x3, y3, k, METRICS.index(metric), exclude_self)
+    if not batched:
+        values, indices = values.squeeze(0), indices.squeeze(0)
+    if torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad)):
+        values = reference.knn_values(x, y, indices, metric)
+    return values, indices
 
 
 def neighborhood_consistency(

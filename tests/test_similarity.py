@@ -1,18 +1,23 @@
 """Similarity ops (cosine similarity, k-NN, neighbourhood consistency) against independent float64 formulas.
 
 The public functions and the pure-PyTorch references are both checked against NumPy formulas and
-explicit loops; gradients by finite differences (gradcheck); every bad input for the error it raises.
+explicit loops (k-NN: the reference and the public knn on each of its backends, "torch" and "cpp");
+gradients by finite differences (gradcheck); every bad input for the error it raises.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+from conftest import require_backend
 from torch.testing import assert_close
 
 import s2dc_kernels.reference.similarity as reference
 import s2dc_kernels.similarity as public
+from s2dc_kernels._utils import resolve_backend
 
 IMPLEMENTATIONS = [pytest.param(public, id="public"), pytest.param(reference, id="reference")]
 METRICS = ("cosine", "dot", "l2")
@@ -111,6 +116,15 @@ def test_cosine_similarity_tiny_rows_are_normalised(impl):
 
 
 # ---------------------------------------------------------------- k-NN
+@pytest.fixture(params=["reference", *public.KNN_BACKENDS])
+def knn(request):
+    """reference.knn, or the public knn on one backend (skipped where that backend cannot run)."""
+    if request.param == "reference":
+        return reference.knn
+    require_backend(request.param, "cpu")
+    return functools.partial(public.knn, backend=request.param)
+
+
 def check_knn(values, indices, scores, k, metric, exclude_self, tol):
     """values equal torch.topk of the full float64 score matrix; indices point to entries of equal score."""
     n, m = scores.shape[-2:]
@@ -129,49 +143,43 @@ def check_knn(values, indices, scores, k, metric, exclude_self, tol):
         assert (indices != torch.arange(n)[:, None]).all()
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("shapes", PAIR_SHAPES)
 @pytest.mark.parametrize("k", [1, 4, "all"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_knn_against_full_matrix(impl, metric, shapes, k, dtype):
+def test_knn_against_full_matrix(knn, metric, shapes, k, dtype):
     x, y = randn(*shapes[0], seed=4, dtype=dtype), randn(*shapes[1], seed=5, dtype=dtype)
     k = shapes[1][-2] if k == "all" else k
-    values, indices = impl.knn(x, y, k=k, metric=metric)
+    values, indices = knn(x, y, k=k, metric=metric)
     assert values.dtype == dtype
     check_knn(values, indices, np_scores(x, y, metric), k, metric, False, TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("shape", [(5, 7, 13), (1, 9, 3), (11, 6)])
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize("pass_y", [False, True])
-def test_knn_self_search(impl, metric, shape, exclude_self, pass_y):
+def test_knn_self_search(knn, metric, shape, exclude_self, pass_y):
     x = randn(*shape, seed=6)
     k = shape[-2] - 1 if exclude_self else 3
-    values, indices = impl.knn(
-        x, x.clone() if pass_y else None, k=k, metric=metric, exclude_self=exclude_self
-    )
+    values, indices = knn(x, x.clone() if pass_y else None, k=k, metric=metric, exclude_self=exclude_self)
     check_knn(values, indices, np_scores(x, x, metric), k, metric, exclude_self, TOLERANCES[torch.float64])
     if not exclude_self and metric != "dot":  # each row is its own nearest neighbour
         assert (indices[..., 0] == torch.arange(shape[-2])).all()
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_knn_ties_point_to_equal_scores(impl, metric):
+def test_knn_ties_point_to_equal_scores(knn, metric):
     x = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)
     y = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]], dtype=torch.float64)
-    values, indices = impl.knn(x, y, k=4, metric=metric)
+    values, indices = knn(x, y, k=4, metric=metric)
     check_knn(values, indices, np_scores(x, y, metric), 4, metric, False, TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_knn_l2_exact_far_from_origin(impl):
+def test_knn_l2_exact_far_from_origin(knn):
     # A tight cluster far from 0: |x|^2 + |y|^2 - 2 x.y would cancel away the fp32 digits of the distances.
     x = 100 + 0.01 * randn(2, 40, 8, seed=34, dtype=torch.float32)
-    values, indices = impl.knn(x, k=5, metric="l2", exclude_self=True)
+    values, indices = knn(x, k=5, metric="l2", exclude_self=True)
     check_knn(values, indices, np_scores(x, x, "l2"), 5, "l2", True, {"atol": 1e-5, "rtol": 1e-4})
 
 
@@ -186,26 +194,24 @@ def test_cosine_similarity_gradcheck(impl, batched):
     assert torch.autograd.gradcheck(lambda a: impl.cosine_similarity(a, temperature=0.5), (x,))
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("batched", [True, False])
-def test_knn_gradcheck(impl, metric, batched):
+def test_knn_gradcheck(knn, metric, batched):
     lead = (2,) if batched else ()
     x = randn(*lead, 4, 3, seed=9).requires_grad_()
     y = randn(*lead, 6, 3, seed=10).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: impl.knn(a, b, k=3, metric=metric)[0], (x, y))
+    assert torch.autograd.gradcheck(lambda a, b: knn(a, b, k=3, metric=metric)[0], (x, y))
     # Self search: with the self pair (l2 distance 0) and without it.
-    assert torch.autograd.gradcheck(lambda a: impl.knn(a, k=2, metric=metric)[0], (x,))
-    assert torch.autograd.gradcheck(lambda a: impl.knn(a, k=2, metric=metric, exclude_self=True)[0], (x,))
+    assert torch.autograd.gradcheck(lambda a: knn(a, k=2, metric=metric)[0], (x,))
+    assert torch.autograd.gradcheck(lambda a: knn(a, k=2, metric=metric, exclude_self=True)[0], (x,))
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_knn_l2_gradient_at_zero_distance(impl):
+def test_knn_l2_gradient_at_zero_distance(knn):
     x = randn(2, 3, 4, seed=11).requires_grad_()
     y = randn(2, 5, 4, seed=12)
     y[0, 2] = x[0, 1].detach()  # distance exactly 0 for the pair (x[0, 1], y[0, 2])
     y.requires_grad_()
-    values, indices = impl.knn(x, y, k=2, metric="l2")
+    values, indices = knn(x, y, k=2, metric="l2")
     assert values[0, 1, 0] == 0 and indices[0, 1, 0] == 2
     values.sum().backward()
     # d|x_i - y_j| / dx_i = (x_i - y_j) / |x_i - y_j| summed over the chosen pairs, 0 at distance 0.
@@ -220,6 +226,80 @@ def test_knn_l2_gradient_at_zero_distance(impl):
             grad_y[b, j] -= diff / dist
     assert_close(x.grad, torch.from_numpy(grad_x))
     assert_close(y.grad, torch.from_numpy(grad_y))
+
+
+def test_knn_empty_batch_and_non_contiguous_inputs(knn):
+    for metric in METRICS:
+        values, indices = knn(randn(0, 4, 3).requires_grad_(), randn(0, 5, 3), k=5, metric=metric)
+        assert values.shape == indices.shape == (0, 4, 5) and indices.dtype == torch.int64
+        x = randn(3, 13, 7, seed=26).transpose(1, 2)  # (3, 7, 13), strided
+        y = randn(3, 18, 13, seed=27)[:, ::2]  # (3, 9, 13), strided
+        values, indices = knn(x, y, k=4, metric=metric)
+        check_knn(values, indices, np_scores(x, y, metric), 4, metric, False, TOLERANCES[torch.float64])
+        values, indices = knn(x[1], k=6, metric=metric, exclude_self=True)  # strided self search
+        check_knn(values, indices, np_scores(x[1], x[1], metric), 6, metric, True, TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("backend", public.KNN_BACKENDS)
+def test_knn_values_differentiable_only_when_asked(backend):
+    require_backend(backend, "cpu")
+    x = randn(2, 6, 3, seed=35)
+    assert public.knn(x, k=2, backend=backend)[0].grad_fn is None
+    values = public.knn(x.requires_grad_(), k=2, backend=backend)[0]
+    assert values.grad_fn is not None
+    with torch.no_grad():
+        assert public.knn(x, k=2, backend=backend)[0].grad_fn is None
+
+
+def test_knn_auto_backend_on_cpu_is_cpp_when_built():
+    require_backend("cpp", "cpu")
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", op="knn", device=cpu, supported=public.KNN_BACKENDS) == "cpp"
+    for op in ("cosine_similarity", "neighborhood_consistency"):  # torch-only ops stay on torch
+        assert resolve_backend("auto", op=op, device=cpu, supported=public.SUPPORTED_BACKENDS) == "torch"
+
+
+# Tile sizes (block_rows, block_cols) of the cpp kernel that cut odd shapes everywhere: tiles of one row or
+# column, tiles that straddle the diagonal of a self search, a row block wider than N.
+TILES = [(1, 1), (2, 3), (4, 5), (7, 16), (64, 64)]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("tiles", TILES, ids=[f"{r}x{c}" for r, c in TILES])
+@pytest.mark.parametrize("search", ["pair", "self", "self-excluded", "copy-excluded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_knn_cpp_any_tiling(metric, tiles, search, dtype):
+    """The cpp kernel directly, with tiles much smaller than the problem: the score tiles and their merges."""
+    require_backend("cpp", "cpu")
+    x = randn(3, 23, 5, seed=36, dtype=dtype)
+    y = randn(3, 17, 5, seed=37, dtype=dtype) if search == "pair" else x
+    exclude_self = search.endswith("excluded")
+    k = 6 if search == "pair" else 22 if exclude_self else 9
+    candidates = y.clone() if search == "copy-excluded" else y  # not y itself: no symmetric search
+    values, indices = torch.ops.s2dc_C.knn_forward(
+        x, candidates, k, METRICS.index(metric), exclude_self, *tiles
+    )
+    check_knn(values, indices, np_scores(x, y, metric), k, metric, exclude_self, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_cpp_large_search_in_tiles(metric):
+    """1 x 3000 x 3000, k = 8: more candidates than one column block (2048), and small tiles; the reference in
+    float64 is the truth (its score matrix is 72 MB, the kernel keeps O(N k) plus its tiles)."""
+    require_backend("cpp", "cpu")
+    x = randn(1, 3000, 8, seed=38, dtype=torch.float32)
+    truth, _ = reference.knn(x.double(), k=8, metric=metric)
+    for tiles in [(128, 2048), (37, 301)]:
+        for y, exclude in [(x, False), (x.clone(), False)]:
+            values, indices = torch.ops.s2dc_C.knn_forward(x, y, 8, METRICS.index(metric), exclude, *tiles)
+            assert_close(values.double(), truth, atol=1e-5, rtol=1e-5)
+            # The exact scores of the pairs the indices point to.
+            chosen = reference.knn_values(x.double(), None, indices, metric)
+            assert_close(chosen, truth, atol=1e-5, rtol=1e-5)
+    values, indices = public.knn(x[0], k=8, metric=metric, backend="cpp", exclude_self=True)
+    truth, _ = reference.knn(x[0].double(), k=8, metric=metric, exclude_self=True)
+    assert_close(values.double(), truth, atol=1e-5, rtol=1e-5)
+    assert (indices != torch.arange(3000)[:, None]).all()
 
 
 # ---------------------------------------------------------------- neighbourhood consistency
@@ -416,7 +496,7 @@ BAD_INPUTS = {
     "nc mask list": (lambda: public.neighborhood_consistency(S, T, k=2, mask=[True]), TypeError, "mask"),
     # backends
     "cos backend cpp": (lambda: public.cosine_similarity(X, backend="cpp"), ValueError, "cosine_similarity"),
-    "knn backend cpp": (lambda: public.knn(X, k=1, backend="cpp"), ValueError, "does not implement knn"),
+    "knn backend triton": (lambda: public.knn(X, k=1, backend="triton"), ValueError, "not implement knn"),
     "nc backend cpp": (
         lambda: public.neighborhood_consistency(S, T, k=2, backend="cpp"),
         ValueError,
@@ -466,3 +546,21 @@ def test_mask_on_other_device_raises(monkeypatch):
     monkeypatch.setenv("S2DC_CHECK_VALUES", "0")
     with pytest.raises(ValueError, match="mask on meta"):
         public.neighborhood_consistency(S, T, k=2, mask=torch.ones(2, 6, dtype=torch.bool, device="meta"))
+
+
+def test_knn_cpp_is_a_custom_op_that_compiles():
+    require_backend("cpp", "cpu")
+    from s2dc_kernels.similarity import knn_select
+
+    x = torch.randn(2, 9, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 7, 5, dtype=torch.float64)
+    torch.library.opcheck(knn_select, (x.detach(), y, 3, 0, False))
+    torch.library.opcheck(knn_select, (x.detach(), None, 3, 2, True))
+
+    def loss(x):
+        first = public.knn(x, k=3, exclude_self=True, backend="cpp")[0].sum()
+        return first + public.knn(x, y, k=2, metric="l2", backend="cpp")[0].sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), loss(x))
+    torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0], torch.autograd.grad(loss(x), x)[0])

@@ -39,6 +39,26 @@ def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
 
 
+def knn_values(
+    x: torch.Tensor, y: torch.Tensor | None, indices: torch.Tensor, metric: str = "cosine"
+) -> torch.Tensor:
+    """The values of the chosen pairs (x_i, y_indices[i, l]), differentiable in x and y, (B, N, k) / (N, k).
+
+    metric "cosine": <x_i / |x_i|, y_j / |y_j|> (F.normalize, eps 1e-12); "dot": <x_i, y_j>; "l2": |x_i - y_j|
+    from the differences (exact for close pairs far from 0; gradient 0 at distance 0). y None means x.
+    Gradients reach x and y through the k chosen pairs only. Memory: the (B, N, k, D) gathered rows.
+    """
+    y_rows = x if y is None else y
+    if metric == "cosine":
+        x_rows, y_rows = F.normalize(x, dim=-1), F.normalize(y_rows, dim=-1)
+    else:
+        x_rows = x
+    chosen = _gather_rows(y_rows, indices)  # (B, N, k, D)
+    if metric == "l2":
+        return _safe_sqrt((x_rows.unsqueeze(-2) - chosen).square().sum(-1))
+    return (x_rows.unsqueeze(-2) * chosen).sum(-1)
+
+
 def knn(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
@@ -52,9 +72,9 @@ def knn(
     metric "cosine": largest <x_i, y_j> / (|x_i| |y_j|); "dot": largest <x_i, y_j>;
     "l2": smallest |x_i - y_j|.
     exclude_self drops the pairs (i, i). The full score matrix (no grad) only picks the indices; the
-    values are recomputed from the gathered rows, so gradients reach x and y through the k chosen pairs
-    only, and the l2 gradient at distance 0 is 0. Memory: the (B, N, M) score matrix and the
-    (B, N, k, D) gathered rows.
+    values are recomputed from the gathered rows (knn_values), so gradients reach x and y through the
+    k chosen pairs only, and the l2 gradient at distance 0 is 0. Memory: the (B, N, M) score matrix and
+    the (B, N, k, D) gathered rows.
     """
     y_rows = x if y is None else y
     largest = metric != "l2"
@@ -69,17 +89,7 @@ def knn(
             diagonal = torch.eye(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device)
             scores = scores.masked_fill(diagonal, float("-inf") if largest else float("inf"))
         indices = scores.topk(k, dim=-1, largest=largest).indices
-
-    if metric == "cosine":
-        x_rows, y_rows = F.normalize(x, dim=-1), F.normalize(y_rows, dim=-1)
-    else:
-        x_rows = x
-    chosen = _gather_rows(y_rows, indices)  # (B, N, k, D)
-    if metric == "l2":
-        values = _safe_sqrt((x_rows.unsqueeze(-2) - chosen).square().sum(-1))
-    else:
-        values = (x_rows.unsqueeze(-2) * chosen).sum(-1)
-    return values, indices
+    return knn_values(x, y, indices, metric), indices
 
 
 def neighborhood_consistency(
