@@ -1,0 +1,216 @@
+"""The S2DC pretraining losses (method.md, sections 2-5) as modules, vectorised over problems.
+
+Shared inputs of the token losses: q (B, Z, N, d) the student's unit token rows of the source view,
+k (B, Z, N, d) the teacher's unit token rows of the affine (teacher) view, truth (B, N, N) the 0/1 ground
+truth of a volume (rows = source tokens, columns = teacher tokens), shared by its Z layers. The B * Z layers
+are independent problems, solved in one batched call (the official code loops over them in Python).
+
+``ops`` picks the implementation of the kernel ops (dustbin Sinkhorn, neighbourhood consistency): "fused" runs
+the public ops of ``s2dc_kernels`` with backend="auto", "reference" the pure-PyTorch
+``s2dc_kernels.reference``.
+Each module returns an unweighted scalar; the training loop applies the weights (0 switches a term off).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import s2dc_kernels
+from s2dc_kernels import reference
+from s2dc_kernels._utils import check_choice, check_int, check_positive
+
+OPS = ("fused", "reference")
+CLAMP = 1e-6  # probabilities are clamped to [CLAMP, 1 - CLAMP] before the logs (official value)
+
+
+def _kernel_op(ops: str, name: str):
+    """The op ``name``: public API with backend="auto" for "fused", ``s2dc_kernels.reference`` otherwise."""
+    ops = check_choice("ops", ops, OPS)
+    if ops == "fused":
+        return functools.partial(getattr(s2dc_kernels, name), backend="auto")
+    return getattr(reference, name)
+
+
+def _problems(q: Tensor, k: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Check the token-loss inputs; return q, k as (B*Z, N, d) and the bool positive mask (B*Z, N, N)."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(
+            f"q and k must be (B, Z, N, d) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    B, Z, N, d = q.shape
+    if truth.shape != (B, N, N):
+        raise ValueError(
+            f"truth must be (B, N, N) = {(B, N, N)} for q {tuple(q.shape)}, got {tuple(truth.shape)}"
+        )
+    positive = (truth > 0.5)[:, None].expand(B, Z, N, N).reshape(B * Z, N, N)
+    return q.reshape(B * Z, N, d), k.reshape(B * Z, N, d), positive
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of values over the True entries of mask, per problem (dims -2, -1); 0 where mask is empty."""
+    total = torch.where(mask, values, 0.0).sum((-2, -1))
+    return total / mask.sum((-2, -1)).clamp_min(1)
+
+
+class P2PLoss(nn.Module):
+    """L_p2p: patch-to-patch discrepancy through dustbin optimal transport (method.md, section 2).
+
+    Per problem, with S = q k^T (unit rows: cosine scores, eps = 1):
+        log P = log_optimal_transport(S, alpha, n_iters)     (SuperGlue dustbin, official scaling by N + M)
+        P     = clamp(exp(log P)[:N, :N], 1e-6, 1 - 1e-6)    (dustbin row and column dropped)
+        L     = mean_{G=1} -log P + mean_{G=0} -log(1 - P)
+    and the loss is the mean over problems. alpha is a fixed float, as in the official code (its Parameter
+    never reaches the optimiser). The gradient reaches q and k through all n_iters iterations.
+    """
+
+    def __init__(self, ops: str, n_iters: int = 100, alpha: float = 1.0):
+        super().__init__()
+        self.log_optimal_transport = _kernel_op(ops, "log_optimal_transport")
+        self.n_iters = check_int("n_iters", n_iters, 1)
+        self.alpha = float(alpha)
+
+    def forward(self, q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
+        """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
+        q, k, positive = _problems(q, k, truth)
+        scores = q @ k.transpose(1, 2)  # (B*Z, N, N)
+        log_plan = self.log_optimal_transport(scores, self.alpha, self.n_iters)
+        plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
+        loss_pos = _masked_mean(-torch.log(plan), positive)
+        loss_neg = _masked_mean(-torch.log(1 - plan), ~positive)
+        return (loss_pos + loss_neg).mean()
+
+
+class P2SLoss(nn.Module):
+    """L_p2s: patch-to-structure consistency, sharpness-weighted soft regularisation (method.md, section 3).
+
+    Per problem, with A = (1 + q k^T) / 2 (N, N) and unbiased std:
+        w_c[m] = softmax_m((max_n A_nm - mean_n A_nm) / std_n A_nm)     (column sharpness)
+        w_r[n] = softmax_n((max_m A_nm - mean_m A_nm) / std_m A_nm)     (row sharpness)
+        L = 0.5 * sum_{G=1} -log A'_nm (w_c[m] + w_r[n]) + mean_{G=0} -log(1 - A'_nm)
+    with A' = clamp(A, 1e-6, 1 - 1e-6), and the loss is the mean over problems. The weights keep their
+    gradient (official code).
+    """
+
+    def __init__(self, ops: str):
+        super().__init__()
+        check_choice("ops", ops, OPS)  # no kernel op in this term: plain tensor algebra for both
+
+    def forward(self, q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
+        """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
+        q, k, positive = _problems(q, k, truth)
+        affinity = (1 + q @ k.transpose(1, 2)) / 2  # (P, N, N), rows n = source, columns m = teacher
+        col_sharpness = (affinity.max(1).values - affinity.mean(1)) / affinity.std(1)  # (P, M)
+        row_sharpness = (affinity.max(2).values - affinity.mean(2)) / affinity.std(2)  # (P, N)
+        weights = F.softmax(col_sharpness, -1)[:, None, :] + F.softmax(row_sharpness, -1)[:, :, None]
+        affinity = affinity.clamp(CLAMP, 1 - CLAMP)
+        loss_pos = torch.where(positive, -torch.log(affinity) * weights, 0.0).sum((-2, -1)) / 2
+        loss_neg = _masked_mean(-torch.log(1 - affinity), ~positive)
+        return (loss_pos + loss_neg).mean()
+
+
+class NCLoss(nn.Module):
+    """L_nc: neighbourhood similarity-distribution consistency (method.md, section 4).
+
+    Rows are paired through G: student row i = q[b, z, i], teacher row i = k[b, z, j] with truth[b, i, j] = 1
+    (G is one-to-one: mutual nearest matches); rows without a match are masked out (neither anchors nor
+    neighbours). Then, per problem and matched row i,
+        J_i = the k nearest matched teacher rows of teacher row i (cosine, itself excluded)
+        p_i = softmax_{j in J_i} T_i.T_j / tau_t,   q_i = softmax_{j in J_i} S_i.S_j / tau_s
+        L   = mean over the matched rows of all problems of KL(p_i || q_i)
+    computed by ``neighborhood_consistency`` (teacher side without gradient).
+
+    k must fit the matched rows: it is clamped to (fewest matched rows in a volume) - 1 for the batch (one
+    host sync), and volumes with fewer than 2 matched rows are left out (all left out: the loss is 0).
+    """
+
+    def __init__(self, ops: str, k: int = 8, tau_s: float = 0.1, tau_t: float = 0.04):
+        super().__init__()
+        self.neighborhood_consistency = _kernel_op(ops, "neighborhood_consistency")
+        self.k = check_int("k", k, 1)
+        self.tau_s = check_positive("tau_s", tau_s)
+        self.tau_t = check_positive("tau_t", tau_t)
+
+    def forward(self, q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
+        """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
+        _problems(q, k, truth)  # shape checks
+        B, Z, N, d = q.shape
+        matched = truth > 0.5  # (B, N, N)
+        valid = matched.any(-1)  # (B, N): source row i has a teacher partner
+        partner = matched.to(torch.uint8).argmax(-1)  # (B, N): its column j (0 for unmatched rows, masked)
+        teacher = k.gather(2, partner[:, None, :, None].expand(B, Z, N, d))  # teacher row i = k[b, z, j]
+
+        n_matched = valid.sum(-1)  # (B,)
+        kept = n_matched >= 2
+        if not bool(kept.all()):  # host sync only on this rare path (a volume with < 2 matches)
+            q, teacher, valid, n_matched = q[kept], teacher[kept], valid[kept], n_matched[kept]
+            if q.shape[0] == 0:
+                return k.new_zeros(()) + q.sum() * 0.0
+        neighbours = min(self.k, int(n_matched.min()) - 1)
+        return self.neighborhood_consistency(
+            q.reshape(-1, N, d),
+            teacher.reshape(-1, N, d),
+            k=neighbours,
+            tau_s=self.tau_s,
+            tau_t=self.tau_t,
+            mask=valid[:, None].expand(-1, Z, N).reshape(-1, N),
+        )
+
+
+class GlobalLoss(nn.Module):
+    """L_g: global InfoNCE with a FIFO queue (method.md, section 5), as the official code computes it.
+
+    Per volume b, with c_b a random crop (drawn from ``generator``):
+        query      x_b  = query[b, c_b]                      (student, pooled source crop)
+        positive   y_b  = keys[b, c_b]                       (teacher, pooled augmented view of the same crop)
+        negatives       = keys[b', c] for every (b', c) with c != c_b'  (the other crops of every volume)
+                          + the queue (queue_size past positive keys)
+        L = mean_b cross_entropy([x_b.y_b, x_b.negatives] / temperature, target 0)
+    Dot products of unnormalised embeddings (official); the keys are constants. After the loss, the positives
+    enter the queue (``update_queue``). The queue starts as random unit rows (official).
+    No kernel op in this term; ``ops`` is accepted for a uniform interface.
+    """
+
+    queue: Tensor
+    queue_ptr: Tensor
+
+    def __init__(self, ops: str, dim: int, temperature: float = 0.9, queue_size: int = 90):
+        super().__init__()
+        check_choice("ops", ops, OPS)
+        self.temperature = check_positive("temperature", temperature)
+        self.queue_size = check_int("queue_size", queue_size, 0)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, check_int("dim", dim, 1)), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to overwrite
+
+    def forward(self, query: Tensor, keys: Tensor, generator: torch.Generator) -> Tensor:
+        """query (B, n_crops, d) student pooled source crops, keys (B, n_crops, d) teacher pooled augmented
+        crops, generator draws the crop of each volume -> scalar. Updates the queue."""
+        if query.dim() != 3 or keys.shape != query.shape or query.shape[-1] != self.queue.shape[-1]:
+            raise ValueError(
+                f"query and keys must be (B, n_crops, {self.queue.shape[-1]}) of one shape, "
+                f"got {tuple(query.shape)} and {tuple(keys.shape)}"
+            )
+        B, n_crops, _ = query.shape
+        keys = keys.detach()
+        crop = torch.randint(n_crops, (B,), generator=generator, device=generator.device).to(query.device)
+        volume = torch.arange(B, device=query.device)
+        anchor, positive = query[volume, crop], keys[volume, crop]  # (B, d)
+        chosen = F.one_hot(crop, n_crops).bool()  # (B, n_crops)
+        negatives = torch.cat([keys[~chosen], self.queue.to(keys.dtype)])  # (B*(n_crops-1) + queue_size, d)
+        logits = torch.cat([(anchor * positive).sum(-1, keepdim=True), anchor @ negatives.T], 1)
+        loss = F.cross_entropy(logits / self.temperature, logits.new_zeros(B, dtype=torch.long))
+        self.update_queue(positive)
+        return loss
+
+    @torch.no_grad()
+    def update_queue(self, keys: Tensor) -> None:
+        """FIFO: write keys (n, d) into the queue from queue_ptr on (wrapping around), advance the pointer."""
+        if self.queue_size == 0:
+            return
+        keys = keys.detach()[-self.queue_size :].to(self.queue.dtype)
+        slots = (self.queue_ptr + torch.arange(keys.shape[0], device=self.queue.device)) % self.queue_size
+        self.queue[slots] = keys
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.queue_size)
