@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP_INSTALL = $(PYTHON) -m pip install --no-build-isolation
 
-.PHONY: install test lint format cpp-test py-test bench bench-quick render gpu-check clean
+.PHONY: install test lint format cpp-test py-test bench bench-quick render gpu-check demo clean
 
 install:            ## the package, its extension (C++ always, CUDA when possible) and the test/bench extras
 	$(PIP_INSTALL) -e ".[test,bench]"
@@ -33,6 +33,9 @@ bench:              ## the full CPU benchmark, appended to benchmarks/results/re
 
 render:             ## README tables from benchmarks/results/*.csv
 	$(PYTHON) benchmarks/render.py
+
+demo:               ## the training demo on nibabel's bundled MRI volumes -> runs/demo
+	s2dc-train --out runs/demo
 
 gpu-check:          ## on a CUDA machine: install, CUDA tests, GPU benchmarks -> $(OUT)
 	bash scripts/gpu_check.sh $(or $(OUT),gpu_check_out)

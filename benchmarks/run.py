@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import bench_similarity
 import bench_sinkhorn
+import bench_train
 import harness
 
-SCRIPTS = {"bench_sinkhorn": bench_sinkhorn.make_cases, "bench_similarity": bench_similarity.make_cases}
+SCRIPTS = {
+    "bench_sinkhorn": bench_sinkhorn.make_cases,
+    "bench_similarity": bench_similarity.make_cases,
+    "bench_train": bench_train.make_cases,
+}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, str]]:

@@ -1,0 +1,66 @@
+"""Benchmark the S2DC loss path (L_p2p + L_p2s + L_nc + L_g, forward and backward) with the fused ops
+("s2dc-fused": the public ops, backend "auto") against the same losses on the references ("eager").
+
+Shapes: the CPU demo's (4 volumes, 4 z-layers of 8 x 8 tokens, 64-d projections, 4 crops) and the official
+one (4 volumes -> 12 problems of 144 x 144 tokens, 512-d, 16 crops), whose fused/reference ratio is the
+training issue's target.
+
+    python benchmarks/bench_train.py [--quick | --gpu] [--csv FILE]
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import harness
+import torch
+import torch.nn.functional as F
+
+from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss
+
+# (B volumes, Z layers, N tokens per layer, d, crops per volume)
+SHAPES = {"quick": [(4, 4, 64, 64, 4)], "cpu": [(4, 4, 64, 64, 4), (4, 3, 144, 512, 16)]}
+SHAPES["gpu"] = [(4, 3, 144, 512, 16)]
+
+
+def loss_inputs(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Student tokens q (gets the gradient), teacher tokens k near them, a 0/1 truth with about 110 of 144
+    rows matched (a permutation with gaps), and pooled student / teacher crop embeddings."""
+    B, Z, N, d, crops = shape
+    q = F.normalize(torch.randn(B, Z, N, d, device=device), dim=-1)
+    k = F.normalize(q + 0.5 * torch.randn_like(q), dim=-1)
+    truth = torch.zeros(B, N, N, device=device)
+    for b in range(B):
+        rows = torch.randperm(N, device=device)[: int(0.76 * N)]
+        truth[b, rows, rows] = 1.0
+    query, keys = torch.randn(B, crops, d, device=device), torch.randn(B, crops, d, device=device)
+    return q, k, truth, query, keys
+
+
+def loss_path(ops: str, d: int) -> Callable[..., torch.Tensor]:
+    """All four terms at weight 0.5, as the training loop sums them."""
+    p2p, p2s, nc, glob = P2PLoss(ops), P2SLoss(ops), NCLoss(ops), GlobalLoss(ops, d)
+    generator = torch.Generator().manual_seed(0)
+
+    def total(q, k, truth, query, keys):
+        glob.to(q.device)
+        terms = p2p(q, k, truth) + p2s(q, k, truth) + nc(q, k, truth) + glob(query, keys, generator)
+        return 0.5 * terms
+
+    return total
+
+
+def make_cases(args) -> list[harness.Case]:
+    cases = []
+    for shape in SHAPES[args.preset.name]:
+        B, Z, N, d, crops = shape
+        providers = {"s2dc-fused": loss_path("fused", d), "eager": loss_path("reference", d)}
+        label = f"{B}x{Z}x{N}x{d} ({B * Z} problems)"
+        inputs = functools.partial(loss_inputs, shape)
+        cases.append(harness.Case("s2dc_loss_path", label, "fwd+bwd", inputs, providers))
+    return cases
+
+
+if __name__ == "__main__":
+    harness.main("bench_train", make_cases)
