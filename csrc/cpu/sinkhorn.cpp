@@ -44,14 +44,7 @@
 #include <vector>
 
 #include "exp2.h"
-
-// Each sweep is compiled for AVX-512, AVX2 + FMA and baseline x86-64; the dynamic loader picks one per machine.
-// The helpers they call are always inlined so that they are compiled for the same instruction set.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define S2DC_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define S2DC_TARGET_CLONES
-#endif
+#include "target_clones.h"  // each sweep is compiled per instruction set
 
 namespace s2dc::cpu {
 namespace {
