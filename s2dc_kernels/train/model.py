@@ -76,7 +76,7 @@ def _monai_swin(token_stride: int, in_channels: int) -> tuple[int, nn.Module, in
         from monai.networks.nets.swin_unetr import SwinTransformer
     except ImportError as error:
         raise ImportError(
-            "backbone='monai-swin' needs MONAI, which is not installed (pip install monai); "
+            "backbone='monai-swin' needs MONAI, which is not installed (pip install monai einops); "
             "the default backbone 'small' needs nothing else"
         ) from error
     stage = token_stride.bit_length() - 2  # hidden states of strides 2, 4, 8, 16, 32
