@@ -163,7 +163,7 @@ def neighborhood_consistency(
     mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Neighbourhood similarity-distribution consistency L_nc (method.md, section 4).
+    """Neighbourhood similarity-distribution consistency L_nc (docs/method.md, section 4).
 
     Rows of student S and teacher T are paired patches of B independent problems. For each problem and
     each valid patch i (mask True):

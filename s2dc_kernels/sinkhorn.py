@@ -177,7 +177,7 @@ def _check_marginal(name: str, w: Tensor | None, B: int, n: int, dtype: torch.dt
     return (w[None] if w.dim() == 1 else w).to(dtype)
 
 
-def _check_masses(a: Tensor | None, b: Tensor | None, N: int, M: int) -> None:
+def _check_masses(a: Tensor | None, b: Tensor | None) -> None:
     """Both marginals must carry the same positive total mass per problem (None = mass 1)."""
     if not check_values():
         return
@@ -261,7 +261,7 @@ def sinkhorn(
     if N == 0 or M == 0:
         raise ValueError(f"cost must have at least one row and one column, got shape {tuple(cost.shape)}")
     a_b, b_b = _check_marginal("a", a, B, N, dtype), _check_marginal("b", b, B, M, dtype)
-    _check_masses(a_b, b_b, N, M)
+    _check_masses(a_b, b_b)
     backend = resolve_backend(backend, op="sinkhorn", device=device, supported=SOLVER_BACKENDS)
     log_a, log_b = uniform_log_marginal(a_b, B, N, C), uniform_log_marginal(b_b, B, M, C)
     differentiable = grad == "unroll" and torch.is_grad_enabled()
@@ -299,7 +299,9 @@ def log_optimal_transport(
             raise ValueError(f"alpha must be a float or a one-element tensor, got shape {tuple(alpha.shape)}")
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise TypeError(f"alpha must be a finite float or a tensor, got {alpha!r}")
-    device = check_same_device(scores=scores, alpha=alpha if isinstance(alpha, Tensor) else None)
+    # a 0-d CPU tensor is a scalar, as everywhere in PyTorch: it may go with scores on any device
+    scalar_alpha = not isinstance(alpha, Tensor) or (alpha.dim() == 0 and alpha.device.type == "cpu")
+    device = check_same_device(scores=scores, alpha=None if scalar_alpha else alpha)
     backend = resolve_backend(backend, op="log_optimal_transport", device=device, supported=SOLVER_BACKENDS)
     unbatched = scores.dim() == 2
     dtype = _solver_dtype(scores.dtype)
@@ -325,7 +327,9 @@ def _group_logsumexp(x: Tensor, dim: int | tuple[int, ...], group) -> Tensor:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
     total = torch.exp(x - shift).sum(dim=dim, keepdim=True)
     if group is not None:
-        total = dist.nn.functional.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        from torch.distributed.nn.functional import all_reduce  # the differentiable one
+
+        total = all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return shift + torch.log(total)
 
 

@@ -1,6 +1,6 @@
 """S2DC model and losses: each loss against a naive per-problem computation (the official code's loops),
-fused vs reference ops, the sanity values of method.md section 7, the EMA teacher, the queue and the model's
-layout."""
+fused vs reference ops, the sanity values of docs/method.md section 7, the EMA teacher, the queue and the
+model's layout."""
 
 import math
 
@@ -199,7 +199,7 @@ def test_fused_equals_reference(loss_class):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
-# ---- sanity values of method.md section 7 ----------------------------------------------------------------
+# ---- sanity values of docs/method.md section 7 -------------------------------------------------------------
 
 
 def test_sanity_values_on_random_features():

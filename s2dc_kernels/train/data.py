@@ -1,4 +1,4 @@
-"""Volumes and views for S2DC pretraining (method.md section 1).
+"""Volumes and views for S2DC pretraining (docs/method.md section 1).
 
 Pipeline per volume: NIfTI load (nibabel) -> reorientation to canonical RAS -> intensity preset to [0, 1]
 -> a region cut at a random position -> three views (source crops, teacher crops after one affine on the
@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -186,8 +185,10 @@ def bundled_volumes() -> list[Path]:
     return paths
 
 
-def _normalise(data: np.ndarray, preset: str) -> np.ndarray:
+def _normalise(data, preset: str):
     """Intensity preset to [0, 1]: CT window [-1000, 1000] HU, or MRI 0.5 / 99.5 percentile clip."""
+    import numpy as np  # here, not at import: the losses and benchmarks run without numpy
+
     data = np.nan_to_num(data, nan=0.0, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
     if preset == "ct":
         low, high = CT_WINDOW_HU
@@ -206,6 +207,7 @@ def load_volume(path: str | Path, preset: str) -> torch.Tensor:
     empty, unreadable or non-3D/4D files raise DataError naming the file.
     """
     import nibabel as nib
+    import numpy as np
 
     check_choice("preset", preset, PRESETS)
     path = Path(path)
@@ -295,7 +297,7 @@ def correspondence(
     d_ij = |p_i - A q_j| to the source token centres p_i, (i, j) is kept when j is i's nearest teacher
     token, i is j's nearest source token, and d_ij < max_distance * token_stride (None: no distance
     limit). On the official geometry (12 x 12 tokens) and random affines, about 93 of 144 rows are matched
-    with the default 0.5 and about 113 with None (method.md: "about 110"). A must leave z alone (true for
+    with the default 0.5 and about 113 with None (docs/method.md: "about 110"). A must leave z alone (true for
     ``random_affine``), so every z-layer shares G.
     """
     affine = affine.double()

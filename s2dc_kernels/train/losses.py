@@ -1,4 +1,4 @@
-"""The S2DC pretraining losses (method.md, sections 2-5) as modules, vectorised over problems.
+"""The S2DC pretraining losses (docs/method.md, sections 2-5) as modules, vectorised over problems.
 
 Shared inputs of the token losses: q (B, Z, N, d) the student's unit token rows of the source view,
 k (B, Z, N, d) the teacher's unit token rows of the affine (teacher) view, truth (B, N, N) the 0/1 ground
@@ -57,7 +57,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 class P2PLoss(nn.Module):
-    """L_p2p: patch-to-patch discrepancy through dustbin optimal transport (method.md, section 2).
+    """L_p2p: patch-to-patch discrepancy through dustbin optimal transport (docs/method.md, section 2).
 
     Per problem, with S = q k^T (unit rows: cosine scores, eps = 1):
         log P = log_optimal_transport(S, alpha, n_iters)     (SuperGlue dustbin, official scaling by N + M)
@@ -85,7 +85,7 @@ class P2PLoss(nn.Module):
 
 
 class P2SLoss(nn.Module):
-    """L_p2s: patch-to-structure consistency, sharpness-weighted soft regularisation (method.md, section 3).
+    """L_p2s: patch-to-structure consistency, sharpness-weighted soft regularisation (docs/method.md, sec. 3).
 
     Per problem, with A = (1 + q k^T) / 2 (N, N) and unbiased std:
         w_c[m] = softmax_m((max_n A_nm - mean_n A_nm) / std_n A_nm)     (column sharpness)
@@ -113,7 +113,7 @@ class P2SLoss(nn.Module):
 
 
 class NCLoss(nn.Module):
-    """L_nc: neighbourhood similarity-distribution consistency (method.md, section 4).
+    """L_nc: neighbourhood similarity-distribution consistency (docs/method.md, section 4).
 
     Rows are paired through G: student row i = q[b, z, i], teacher row i = k[b, z, j] with truth[b, i, j] = 1
     (G is one-to-one: mutual nearest matches); rows without a match are masked out (neither anchors nor
@@ -161,7 +161,7 @@ class NCLoss(nn.Module):
 
 
 class GlobalLoss(nn.Module):
-    """L_g: global InfoNCE with a FIFO queue (method.md, section 5), as the official code computes it.
+    """L_g: global InfoNCE with a FIFO queue (docs/method.md, section 5), as the official code computes it.
 
     Per volume b, with c_b a random crop (drawn from ``generator``):
         query      x_b  = query[b, c_b]                      (student, pooled source crop)

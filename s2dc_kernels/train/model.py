@@ -2,7 +2,7 @@
 
 The encoder maps each crop (1, c, c, d) to a grid of tokens (dim, c/s, c/s, d/s), s = token_stride. The tokens
 of a region's crops are re-assembled into the region's token grid and split into z-layers, the matching
-problems of the losses (method.md, section 1; token order of ``Geometry``).
+problems of the losses (docs/method.md, section 1; token order of ``Geometry``).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class S2DCModel(nn.Module):
 
     Official sizes: Swin tokens 768 -> 2048 -> 2048 -> 512; CPU defaults: dim 64 -> hidden 128 -> 128 ->
     proj 64. bn_quirk=True reproduces the official geo head's batch norm over (tokens, features) per
-    z-layer (method.md, section 7); False (default) normalises per feature over all tokens of the batch.
+    z-layer (docs/method.md, section 7); False (default) normalises per feature over all tokens of the batch.
     The global head normalises per feature over the batch's crops (as the official one).
     """
 
