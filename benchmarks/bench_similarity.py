@@ -30,7 +30,7 @@ import s2dc_kernels
 from s2dc_kernels import reference
 from s2dc_kernels.similarity import KNN_BACKENDS, SUPPORTED_BACKENDS
 
-# (B, N, D, k): patch features against themselves; anchors.md's rows on GPUs.
+# (B, N, D, k): patch features against themselves; docs/anchors.md's rows on GPUs.
 FEATURE_SHAPES = {"quick": [(16, 216, 384, 8)], "cpu": [(16, 216, 384, 8), (8, 512, 768, 16)]}
 FEATURE_SHAPES["gpu"] = [(8, 512, 768, 16), (16, 216, 384, 8), (1, 16384, 256, 16), (1, 65536, 128, 32)]
 # (B, N, D, k): one large search whose (N, N) score matrix would take 3.6 GB in fp32; ours only.

@@ -1,7 +1,7 @@
 """Benchmark the Sinkhorn family: sinkhorn, log_optimal_transport (dustbin OT), sinkhorn_knopp.
 
 Providers: every available backend of ours ("s2dc-<backend>"), "eager" (the reference), "compile"
-(torch.compile of ONE iteration, the loop in Python, as in anchors.md), "pot" (POT's batched
+(torch.compile of ONE iteration, the loop in Python, as in docs/anchors.md), "pot" (POT's batched
 log-domain solver, tol=0) and "official-loop" (SuperGlue / S2DC's solver run problem by problem).
 
     python benchmarks/bench_sinkhorn.py [--quick | --gpu] [--csv FILE] [--providers a,b] [--ops a,b]
@@ -21,10 +21,10 @@ from s2dc_kernels import reference
 from s2dc_kernels.reference.sinkhorn import plan_from_potentials, uniform_log_marginal
 from s2dc_kernels.sinkhorn import SOLVER_BACKENDS
 
-EPS = 0.05  # anchors.md: eps 0.05, uniform marginals, cost uniform in [0, 1)
-DUSTBIN_ALPHA = 1.0  # S2DC's dustbin score (method.md, section 7)
+EPS = 0.05  # docs/anchors.md: eps 0.05, uniform marginals, cost uniform in [0, 1)
+DUSTBIN_ALPHA = 1.0  # S2DC's dustbin score (docs/method.md, section 7)
 
-# (B, N, M, iterations, modes); anchors.md's rows on GPUs, its CPU rows otherwise.
+# (B, N, M, iterations, modes); docs/anchors.md's rows on GPUs, its CPU rows otherwise.
 SINKHORN_SHAPES = {
     "quick": [(16, 216, 216, 50, ("fwd", "fwd+bwd"))],
     "cpu": [(16, 216, 216, 50, ("fwd", "fwd+bwd")), (8, 512, 512, 50, ("fwd", "fwd+bwd"))],

@@ -84,7 +84,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser = argparse.ArgumentParser(description=description)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small CPU shapes, few repeats (under a minute)")
-    size.add_argument("--gpu", action="store_true", help="the GPU shapes of anchors.md, on cuda:0")
+    size.add_argument("--gpu", action="store_true", help="the GPU shapes of docs/anchors.md, on cuda:0")
     parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help=f"CSV to append to ({RESULTS_CSV})")
     parser.add_argument(
         "--providers",

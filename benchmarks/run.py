@@ -1,8 +1,8 @@
 """Run every benchmark script with the same flags and print one combined table.
 
     python benchmarks/run.py --quick                      # a fresh CPU machine, under a minute
-    python benchmarks/run.py                              # anchors.md's CPU rows
-    python benchmarks/run.py --gpu --csv out/results.csv  # anchors.md's GPU rows
+    python benchmarks/run.py                              # docs/anchors.md's CPU rows
+    python benchmarks/run.py --gpu --csv out/results.csv  # docs/anchors.md's GPU rows
 
 Flags are those of each script (see ``harness.parse_args``); rows are appended to one CSV.
 """
