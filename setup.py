@@ -98,7 +98,8 @@ def extensions() -> tuple[list, dict]:
         raise RuntimeError(f"S2DC_FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
 
     sources = read_sources()
-    cxx_flags = ["-O3", "-fno-trapping-math"]
+    # C++20 (std::bit_cast in the CPU kernels) whatever standard this torch version passes by default
+    cxx_flags = ["-O3", "-fno-trapping-math", "-std=c++20"]
     link_flags = []
     if sys.platform.startswith("linux"):  # torch's Linux wheels run at::parallel_for on OpenMP (libgomp)
         cxx_flags.append("-fopenmp")
