@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 
 import harness
 import torch
@@ -19,7 +18,7 @@ import torch
 import s2dc_kernels
 from s2dc_kernels import reference
 from s2dc_kernels.reference.sinkhorn import plan_from_potentials, uniform_log_marginal
-from s2dc_kernels.sinkhorn import SOLVER_BACKENDS
+from s2dc_kernels.sinkhorn import SOLVER_BACKENDS, dustbin_problem
 
 EPS = 0.05  # docs/anchors.md: eps 0.05, uniform marginals, cost uniform in [0, 1)
 DUSTBIN_ALPHA = 1.0  # S2DC's dustbin score (docs/method.md, section 7)
@@ -77,12 +76,7 @@ def dustbin_by_steps(step, scores, alpha, n_iters: int):
 
     Its update u = log_mu - LSE_j(Z_ij + v_j) is the sinkhorn f-update with eps = 1 and cost C = -Z.
     """
-    B, N, M = scores.shape
-    Z = torch.cat([torch.cat([scores, alpha.expand(B, N, 1)], -1), alpha.expand(B, 1, M + 1)], 1)
-    norm = -math.log(N + M)
-    log_mu = Z.new_full((B, N + 1), norm)
-    log_nu = Z.new_full((B, M + 1), norm)
-    log_mu[:, N], log_nu[:, M] = math.log(M) + norm, math.log(N) + norm
+    Z, log_mu, log_nu, norm = dustbin_problem(scores, alpha)
     u, v = loop_of(step, -Z, log_mu, log_nu, 1.0, n_iters)
     return Z + u[:, :, None] + v[:, None, :] - norm
 

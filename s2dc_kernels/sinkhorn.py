@@ -274,6 +274,20 @@ def sinkhorn(
     return outputs.to(cost.dtype) if isinstance(outputs, Tensor) else tuple(o.to(cost.dtype) for o in outputs)
 
 
+def dustbin_problem(scores: Tensor, alpha: Tensor | float) -> tuple[Tensor, Tensor, Tensor, float]:
+    """SuperGlue's dustbin OT as a Sinkhorn problem on (B, N, M) scores: the couplings Z (B, N+1, M+1) (solve
+    with cost -Z, eps = 1), the log marginals log_mu (B, N+1) and log_nu (B, M+1), and norm = -log(N + M)."""
+    B, N, M = scores.shape
+    alpha = torch.as_tensor(alpha, dtype=scores.dtype, device=scores.device).reshape(1, 1, 1)
+    couplings = torch.cat([torch.cat([scores, alpha.expand(B, N, 1)], -1), alpha.expand(B, 1, M + 1)], 1)
+    norm = -math.log(N + M)
+    log_mu = scores.new_full((B, N + 1), norm)
+    log_mu[:, N] = math.log(M) + norm
+    log_nu = scores.new_full((B, M + 1), norm)
+    log_nu[:, M] = math.log(N) + norm
+    return couplings, log_mu, log_nu, norm
+
+
 def log_optimal_transport(
     scores: Tensor, alpha: Tensor | float, n_iters: int, *, backend: str = "auto"
 ) -> Tensor:
@@ -306,14 +320,7 @@ def log_optimal_transport(
     unbatched = scores.dim() == 2
     dtype = _solver_dtype(scores.dtype)
     Z = (scores[None] if unbatched else scores).to(dtype)
-    B, N, M = Z.shape
-    alpha_t = torch.as_tensor(alpha, dtype=dtype, device=Z.device).reshape(1, 1, 1)
-    couplings = torch.cat([torch.cat([Z, alpha_t.expand(B, N, 1)], -1), alpha_t.expand(B, 1, M + 1)], 1)
-    norm = -math.log(N + M)
-    log_mu = Z.new_full((B, N + 1), norm)
-    log_mu[:, N] = math.log(M) + norm
-    log_nu = Z.new_full((B, M + 1), norm)
-    log_nu[:, M] = math.log(N) + norm
+    couplings, log_mu, log_nu, norm = dustbin_problem(Z, alpha)
     differentiable = torch.is_grad_enabled()
     u, v = _potentials(-couplings, log_mu, log_nu, 1.0, n_iters, 0.0, backend, differentiable)
     log_plan = couplings + u[:, :, None] + v[:, None, :] - norm
