@@ -107,8 +107,6 @@ def sinkhorn_solve(
     C: Tensor, log_a: Tensor, log_b: Tensor, eps: float, n_iters: int, tol: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Log-domain Sinkhorn solve: f (B,N), g (B,M), f_hist (B,T,N), g_hist (B,T,M), n_done (B,) int64."""
-    if C.shape[0] == 0:
-        return _torch_forward(C, log_a, log_b, eps, n_iters, tol)
     return tuple(_kernels(backend)[0](C, log_a, log_b, eps, n_iters, tol))
 
 
@@ -133,8 +131,6 @@ def sinkhorn_solve_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of a loss of (f, g) through all executed iterations: grad_C, grad_log_a, grad_log_b."""
-    if C.shape[0] == 0:
-        return torch.zeros_like(C), torch.zeros_like(log_a), torch.zeros_like(log_b)
     return tuple(_kernels(backend)[1](C, log_a, log_b, eps, f_hist, g_hist, n_done, grad_f, grad_g))
 
 

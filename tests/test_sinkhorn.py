@@ -320,3 +320,15 @@ def test_s2dc_backend_environment_overrides_auto(monkeypatch):
     monkeypatch.setenv("S2DC_BACKEND", "fastest")
     with pytest.raises(ValueError, match="S2DC_BACKEND"):
         sk.sinkhorn(C)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch_forward_backward(backend, device):
+    require_backend(backend, device)
+    C = torch.rand(0, 4, 3, device=device, requires_grad=True)
+    P, f, g = sk.sinkhorn(C, n_iters=3, backend=backend, return_potentials=True)
+    assert P.shape == (0, 4, 3) and f.shape == (0, 4) and g.shape == (0, 3)
+    (grad,) = torch.autograd.grad(P.sum() + f.sum() + g.sum(), C)
+    assert grad.shape == (0, 4, 3)
+    log_plan = sk.log_optimal_transport(torch.rand(0, 4, 3, device=device), 1.0, 3, backend=backend)
+    assert log_plan.shape == (0, 5, 4)
