@@ -44,11 +44,17 @@ print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 
 PY
 } >"$out/env.txt" 2>&1
 
+# Wheels carried in .whl/ (packages the GPU image lacks: nibabel, POT), installed beside the image's own.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/s2dc-site \
+        .whl/*.whl >>"$out/install.log" 2>&1 && export PYTHONPATH=/tmp/s2dc-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 # The CUDA kernels or a failed step (not a silent CPU-only build), for this GPU's architecture only.
 arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 export S2DC_FORCE_CUDA=1 S2DC_CUDA_ARCHS=${S2DC_CUDA_ARCHS:-${arch:-9.0}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 required=triton,cuda  # the CUDA tests fail (not skip) when these backends cannot run
-if ! step install 240 "$out/install.log" pip install --no-build-isolation --no-deps -e .; then
+if ! step install 240 "$out/install.log" python -m pip install --no-build-isolation --no-deps -e .; then
     echo "install failed: going on with the Python and Triton paths from the source tree (see install.log)"
     required=triton
 fi
@@ -60,8 +66,30 @@ tail -n 1 "$out/env.txt"
 step tests 150 "$out/tests.log" env S2DC_REQUIRE_BACKENDS=$required python -m pytest tests -m cuda -q -ra
 tail -n 3 "$out/tests.log"
 
-left=$((deadline - SECONDS - 30))
-step bench $((left > 60 ? left : 60)) "$out/bench.log" python benchmarks/run.py --gpu --csv "$out/results.csv"
+# One process per benchmark script (a kernel fault loses one script, not all), each with the time left
+# less 60 s for every script after it and the training step's share below. BENCH_SCRIPTS and BENCH_FLAGS (e.g. "--providers s2dc-cuda,eager") narrow a run.
+scripts=(${BENCH_SCRIPTS:-bench_sinkhorn bench_similarity bench_train})
+train_seconds=100
+for i in "${!scripts[@]}"; do
+    left=$((deadline - SECONDS - 20 - train_seconds - 60 * (${#scripts[@]} - i - 1)))
+    step "${scripts[i]}" $((left > 45 ? left : 45)) "$out/bench.log" \
+        python "benchmarks/${scripts[i]}.py" --gpu --csv "$out/results.csv" ${BENCH_FLAGS:-}
+done
+
+# The loss path's share of a training step at the official geometry (4 x 4 crops of 96^3, 3 x 3 x 3 tokens,
+# 4 volumes): a synthetic 400 x 400 x 100 volume, 30 steps per ops setting, medians of the last 20.
+train_share() {
+    python -c "import nibabel as nib, numpy as np; nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(400, 400, 100)).astype(np.float32), np.eye(4)), '/tmp/s2dc_volume.nii.gz')" || return 1
+    for ops in fused reference; do
+        python -m s2dc_kernels.train --data /tmp/s2dc_volume.nii.gz --preset mri --device cuda --ops "$ops" \
+            --steps 30 --save-every 1000 --grid 4 4 --crop 96 --depth 96 --token-stride 32 \
+            --out "/tmp/s2dc_train_$ops" >/dev/null || return 1
+        python -c "import json, statistics as st; rows = [json.loads(l) for l in open('/tmp/s2dc_train_$ops/metrics.jsonl')][-20:]; loss, step = (st.median(r[k] for r in rows) * 1e3 for k in ('time_loss_s', 'time_step_s')); print(f'train step, official geometry, --ops $ops: loss path {loss:.2f} ms of a {step:.2f} ms step ({100 * loss / step:.1f}%)')"
+    done
+}
+export -f train_share
+step train $train_seconds "$out/bench.log" bash -c train_share
+grep "^train step" "$out/bench.log"
 
 if [ -s "$out/results.csv" ]; then
     plot=()
