@@ -9,8 +9,10 @@ log-domain solver, tol=0) and "official-loop" (SuperGlue / S2DC's solver run pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import os
 
 import harness
 import torch
@@ -127,6 +129,39 @@ def pot_plan(C, eps: float, n_iters: int, grad: str):
     return ot.batch.solve_batch(C, reg=eps, max_iter=n_iters, tol=0, method="log_sinkhorn", grad=grad).plan
 
 
+REGIME_MAX_ENTRIES = 512 * 512  # Triton's regimes are benchmarked side by side up to this N * M
+
+
+def with_triton_regime(regime: str, fn):
+    """fn with Triton's Sinkhorn regime forced ("program" or "split"; see use_split_regime) around the whole
+    timed call, backward included (harness ``context``)."""
+
+    @contextlib.contextmanager
+    def context():
+        previous = os.environ.get("S2DC_TRITON_SINKHORN_REGIME")
+        os.environ["S2DC_TRITON_SINKHORN_REGIME"] = regime
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["S2DC_TRITON_SINKHORN_REGIME"]
+            else:
+                os.environ["S2DC_TRITON_SINKHORN_REGIME"] = previous
+
+    forced = functools.partial(fn)
+    forced.context = context
+    return forced
+
+
+def solver_providers(op, ours: list[str], n_entries: int, **kwargs) -> dict:
+    """Our backends on ``op``, plus Triton with each regime forced on small and medium problems."""
+    providers = {f"s2dc-{b}": functools.partial(op, backend=b, **kwargs) for b in ours}
+    if "triton" in ours and n_entries <= REGIME_MAX_ENTRIES:
+        for regime in ("program", "split"):
+            providers[f"s2dc-triton-{regime}"] = with_triton_regime(regime, providers["s2dc-triton"])
+    return providers
+
+
 def make_cases(args) -> list[harness.Case]:
     preset, device = args.preset.name, args.device
     ours = harness.our_backends(SOLVER_BACKENDS, device)
@@ -137,10 +172,9 @@ def make_cases(args) -> list[harness.Case]:
     # S2DC's own workload first: a GPU check cut short by its time limit still has it.
     for B, N, M, iters, modes in DUSTBIN_SHAPES[preset]:
         for mode in modes:
-            providers = {
-                f"s2dc-{b}": partial(s2dc_kernels.log_optimal_transport, n_iters=iters, backend=b)
-                for b in ours
-            }
+            providers = solver_providers(
+                s2dc_kernels.log_optimal_transport, ours, (N + 1) * (M + 1), n_iters=iters
+            )
             providers["eager"] = partial(reference.log_optimal_transport, n_iters=iters)
             providers["compile"] = partial(dustbin_by_steps, compiled_step, n_iters=iters)
             providers["official-loop"] = partial(official_loop, n_iters=iters)
@@ -151,9 +185,7 @@ def make_cases(args) -> list[harness.Case]:
 
     for B, N, M, iters, modes in SINKHORN_SHAPES[preset]:
         for mode in modes:
-            providers = {
-                f"s2dc-{b}": partial(s2dc_kernels.sinkhorn, eps=EPS, n_iters=iters, backend=b) for b in ours
-            }
+            providers = solver_providers(s2dc_kernels.sinkhorn, ours, N * M, eps=EPS, n_iters=iters)
             providers["eager"] = partial(reference.sinkhorn, eps=EPS, n_iters=iters)
             providers["compile"] = partial(sinkhorn_by_steps, compiled_step, eps=EPS, n_iters=iters)
             if has_pot and B * N * M <= POT_MAX_ENTRIES:
@@ -165,7 +197,7 @@ def make_cases(args) -> list[harness.Case]:
     for B, K, iters in KNOPP_SHAPES[preset]:
         providers = {
             f"s2dc-{b}": partial(s2dc_kernels.sinkhorn_knopp, eps=EPS, n_iters=iters, backend=b)
-            for b in harness.our_backends(("torch",), device)
+            for b in harness.our_backends(("torch", "triton"), device)
         }
         providers["eager"] = partial(reference.sinkhorn_knopp, eps=EPS, n_iters=iters)
         providers["compile"] = partial(knopp_by_steps, compiled_swav, eps=EPS, n_iters=iters)

@@ -10,6 +10,7 @@ is appended to ONE CSV as soon as it is measured, so a run cut short keeps what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import platform
@@ -42,7 +43,14 @@ COLUMNS = tuple(
     "op provider shape mode median_ms p20_ms p80_ms peak_mem_mb device versions timestamp".split()
 )
 # Column order of the tables: our backends first, then the baselines and peers.
-PROVIDER_ORDER = ("s2dc-cuda", "s2dc-triton", "s2dc-cpp", "s2dc-torch")
+PROVIDER_ORDER = (
+    "s2dc-cuda",
+    "s2dc-triton",
+    "s2dc-triton-program",
+    "s2dc-triton-split",
+    "s2dc-cpp",
+    "s2dc-torch",
+)
 PROVIDER_ORDER += ("eager", "compile", "pot", "official-loop", "faiss")
 
 
@@ -148,11 +156,16 @@ def _first(out: torch.Tensor | tuple) -> torch.Tensor:
 
 
 def _step(fn: Callable, inputs: tuple, mode: str) -> Callable[[], torch.Tensor]:
-    """One call to time: the forward under no_grad, or the forward and the gradient of inputs[0]."""
+    """One call to time: the forward under no_grad, or the forward and the gradient of inputs[0].
+
+    A provider may carry ``fn.context``, a context-manager factory entered around the whole call (forward
+    and backward), e.g. to force a kernel variant.
+    """
+    context = getattr(fn, "context", contextlib.nullcontext)
     if mode == "fwd":
 
         def forward() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), context():
                 return _first(fn(*inputs))
 
         return forward
@@ -160,10 +173,11 @@ def _step(fn: Callable, inputs: tuple, mode: str) -> Callable[[], torch.Tensor]:
     grad_out = {}
 
     def forward_backward() -> torch.Tensor:
-        out = _first(fn(x, *inputs[1:]))
-        if "g" not in grad_out:  # a fixed random upstream gradient, so no term is trivially zero
-            grad_out["g"] = torch.randn_like(out)
-        torch.autograd.grad(out, x, grad_outputs=grad_out["g"])
+        with context():
+            out = _first(fn(x, *inputs[1:]))
+            if "g" not in grad_out:  # a fixed random upstream gradient, so no term is trivially zero
+                grad_out["g"] = torch.randn_like(out)
+            torch.autograd.grad(out, x, grad_outputs=grad_out["g"])
         return out.detach()
 
     return forward_backward

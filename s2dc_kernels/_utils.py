@@ -11,7 +11,9 @@ from collections.abc import Sequence
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# Fastest first, by measurement (benchmarks/results/): on an H200 the Triton Sinkhorn kernels beat the
+# CUDA C++ ones at every measured shape.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 
 @functools.cache
@@ -82,7 +84,7 @@ def resolve_backend(backend: str, *, op: str, device: torch.device, supported: S
     """Turn the ``backend`` argument of ``op`` into the backend that runs it on ``device``.
 
     "auto" takes ``S2DC_BACKEND`` when set and ``op`` implements it, else the fastest
-    available of ``supported`` (cuda > triton > torch on GPUs, cpp > torch on CPUs).
+    available of ``supported`` (triton > cuda > torch on GPUs, cpp > torch on CPUs).
     An unknown name is a ValueError; a backend that cannot run here is a RuntimeError.
     """
     if backend not in BACKENDS:

@@ -336,6 +336,21 @@ def _group_logsumexp(x: Tensor, dim: int | tuple[int, ...], group) -> Tensor:
     return shift + torch.log(total)
 
 
+def _knopp_triton_unsupported(logits: Tensor, process_group) -> str | None:
+    """Why the fused Sinkhorn-Knopp cannot take these logits, or None."""
+    if torch.compiler.is_compiling():
+        return "it is not traced by torch.compile (use backend='torch')"
+    if process_group is not None:
+        return "process_group is not supported (use backend='torch')"
+    if logits.dtype == torch.float64:
+        return "float64 logits are not supported (use backend='torch')"
+    if logits.requires_grad and torch.is_grad_enabled():
+        return "logits that require grad are not supported (use backend='torch', or detach the logits)"
+    if logits.numel() >= 2**31:
+        return f"logits of {logits.numel()} entries exceed the kernel's int32 indexing"
+    return None
+
+
 def sinkhorn_knopp(
     logits: Tensor,
     *,
@@ -357,19 +372,30 @@ def sinkhorn_knopp(
         n_iters: iterations, >= 1.
         process_group: when given, the batch is sharded across its ranks (B_total = B * world size) and the
             prototype sums are all-reduced, as in SwAV's distributed version.
-        backend: "auto" or "torch".
+        backend: "auto", "torch" or "triton" (fused: one launch per half-step, float16/bfloat16/float32
+            logits computed in float32, no gradient, no process_group). "auto" takes "triton" on CUDA
+            tensors where it applies, else "torch".
     """
     check_tensor("logits", logits, (2,))
     eps = check_positive("eps", eps)
     n_iters = check_int("n_iters", n_iters, 1)
     device = check_same_device(logits=logits)
-    resolve_backend(backend, op="sinkhorn_knopp", device=device, supported=("torch",))
+    requested = backend
+    backend = resolve_backend(backend, op="sinkhorn_knopp", device=device, supported=("torch", "triton"))
     world = 1 if process_group is None else dist.get_world_size(process_group)
     B, K = logits.shape
     if B == 0 or K == 0:
         if world > 1:
             raise ValueError("logits must not be empty when a process_group is given")
         return logits.clone()
+    if backend == "triton":
+        why_not = _knopp_triton_unsupported(logits, process_group)
+        if why_not is None:
+            from .triton_kernels import sinkhorn as triton_sinkhorn
+
+            return triton_sinkhorn.sinkhorn_knopp(logits.float(), eps, n_iters).to(logits.dtype)
+        if requested != "auto":
+            raise ValueError(f"backend='triton' for sinkhorn_knopp: {why_not}")
     b_total = B * world
     L = logits / eps
     L = L - _group_logsumexp(L, (0, 1), process_group)

@@ -18,6 +18,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
+def cuda_marks(device: str) -> list:
+    return [pytest.mark.cuda] if device == "cuda" else []
+
+
 def backend_params(op_backends):
     """(backend, device) pytest params for every backend of an op, CUDA ones marked `cuda`."""
     params = []
@@ -25,8 +29,7 @@ def backend_params(op_backends):
         for device in ("cpu", "cuda"):
             if (backend, device) in (("cpp", "cuda"), ("cuda", "cpu")):
                 continue
-            marks = [pytest.mark.cuda] if device == "cuda" else []
-            params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=cuda_marks(device)))
     return params
 
 

@@ -4,16 +4,27 @@ import math
 
 import pytest
 import torch
-from conftest import backend_params, require_backend
+from conftest import backend_params, cuda_marks, require_backend
 
 import s2dc_kernels as sk
 from s2dc_kernels import reference as ref
 from s2dc_kernels.sinkhorn import SOLVER_BACKENDS, sinkhorn_solve
 
-BACKENDS = backend_params(SOLVER_BACKENDS)
+# Every backend, plus Triton's split regime (one launch per half-step) beside its one-program regime.
+BACKENDS = backend_params(SOLVER_BACKENDS) + [
+    pytest.param("triton", d, id=f"triton-split-{d}", marks=[pytest.mark.split_regime, *cuda_marks(d)])
+    for d in ("cpu", "cuda")
+]
 # The Triton interpreter costs ~1 ms per program step: small shapes for it, odd non-powers of two for all.
 SHAPES = {"triton": [(2, 7, 5), (1, 37, 70)], "default": [(3, 7, 5), (2, 37, 70), (5, 123, 61)]}
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+@pytest.fixture(autouse=True)
+def _triton_regime(request, monkeypatch):
+    """Triton tests run the regime their id names, whatever the shape (`split_regime` marker)."""
+    split = request.node.get_closest_marker("split_regime") is not None
+    monkeypatch.setenv("S2DC_TRITON_SINKHORN_REGIME", "split" if split else "program")
 
 
 def shapes_for(backend):
@@ -332,3 +343,36 @@ def test_empty_batch_forward_backward(backend, device):
     assert grad.shape == (0, 4, 3)
     log_plan = sk.log_optimal_transport(torch.rand(0, 4, 3, device=device), 1.0, 3, backend=backend)
     assert log_plan.shape == (0, 5, 4)
+
+
+def test_triton_regime_choice(monkeypatch):
+    from s2dc_kernels.triton_kernels.sinkhorn import SPLIT_MIN_ENTRIES, use_split_regime
+
+    monkeypatch.setenv("S2DC_TRITON_SINKHORN_REGIME", "auto")
+    assert not use_split_regime(48, 1, SPLIT_MIN_ENTRIES - 1)
+    assert use_split_regime(1, 1, SPLIT_MIN_ENTRIES)
+    assert use_split_regime(1, 2048, 2048)
+    monkeypatch.setenv("S2DC_TRITON_SINKHORN_REGIME", "split")
+    assert use_split_regime(2, 3, 3)
+    monkeypatch.setenv("S2DC_TRITON_SINKHORN_REGIME", "fast")
+    with pytest.raises(ValueError, match="S2DC_TRITON_SINKHORN_REGIME"):
+        use_split_regime(2, 3, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", ["1", "0"])
+def test_triton_split_regime_repeated_calls(monkeypatch, graphs):
+    """Repeated calls of one shape (the split regime replays them as CUDA graphs): each gets its own
+    inputs' numbers, forward and backward, with and without tol."""
+    require_backend("triton", "cuda")
+    monkeypatch.setenv("S2DC_TRITON_SINKHORN_REGIME", "split")
+    monkeypatch.setenv("S2DC_CUDA_GRAPHS", graphs)
+    for tol in (None, 1e-4, None, 1e-4, None, 1e-4):
+        C = torch.rand(3, 45, 29, device="cuda", requires_grad=True)
+        kw = dict(eps=0.1, n_iters=30, tol=tol, return_potentials=True)
+        ours, theirs = sk.sinkhorn(C, backend="triton", **kw), ref.sinkhorn(C, **kw)
+        for o, t in zip(ours, theirs, strict=True):
+            assert_close(o, t)
+        w = torch.randn_like(theirs[0])
+        grads = [torch.autograd.grad((w * p[0]).sum(), C)[0] for p in (ours, theirs)]
+        assert_close(*grads, rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())

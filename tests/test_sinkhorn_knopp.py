@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import backend_params, require_backend
 
 import s2dc_kernels as sk
 from s2dc_kernels import reference as ref
@@ -99,3 +100,45 @@ def test_two_processes_on_gloo_equal_swav_distributed():
     for rank in range(world):
         torch.testing.assert_close(results[rank][0], expected[rank])
         assert torch.isfinite(results[rank][1]).all() and results[rank][1].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the fused (Triton) path
+TRITON = backend_params(["triton"])
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("B,K,eps,n_iters", [(37, 70, 0.5, 3), (19, 200, 0.05, 1), (65, 33, 0.1, 4)])
+def test_triton_equals_torch(backend, device, B, K, eps, n_iters):
+    require_backend(backend, device)
+    logits = torch.randn(B, K, device=device)
+    ours = sk.sinkhorn_knopp(logits, eps=eps, n_iters=n_iters, backend=backend)
+    expected = swav_distributed_sinkhorn([logits.double()], eps, n_iters, 1)[0]
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # bfloat16 logits: computed in float32, returned as bfloat16
+    half = sk.sinkhorn_knopp(logits.bfloat16(), eps=eps, n_iters=n_iters, backend=backend)
+    reference = sk.sinkhorn_knopp(logits.bfloat16().double(), eps=eps, n_iters=n_iters, backend="torch")
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_finite_at_teacher_temperature(backend, device):
+    require_backend(backend, device)
+    logits = 400 * torch.rand(9, 31, device=device) - 200
+    Q = sk.sinkhorn_knopp(logits, eps=0.04, backend=backend)
+    assert torch.isfinite(Q).all()
+    expected = sk.sinkhorn_knopp(logits.double(), eps=0.04, backend="torch")
+    # fp32 exponent arguments of ~1e4 carry ~1e-3 absolute error: Q within 1e-3 of the float64 solve
+    torch.testing.assert_close(Q.double(), expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_rejects_what_it_cannot_do(backend, device):
+    require_backend(backend, device)
+    logits = torch.randn(4, 6, device=device)
+    with pytest.raises(ValueError, match="float64"):
+        sk.sinkhorn_knopp(logits.double(), backend=backend)
+    with pytest.raises(ValueError, match="require grad"):
+        sk.sinkhorn_knopp(logits.requires_grad_(), backend=backend)
+    with torch.no_grad():  # targets are computed without gradient: then the fused path takes them
+        assert torch.isfinite(sk.sinkhorn_knopp(logits, backend=backend)).all()

@@ -25,6 +25,9 @@ as fp32, which would round eps to about 1e-8 relative and spoil float64 solves.
 
 from __future__ import annotations
 
+import collections
+import math
+import os
 import struct
 
 import torch
@@ -42,9 +45,20 @@ def _float_from_bits(bits):
 
 @triton.jit
 def _row_block_lse2(
-    C_ptr, g_ptr, g_valid, rows, row_mask, M, scale, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+    C_ptr,
+    g_ptr,
+    g_valid,
+    rows,
+    row_mask,
+    M,
+    scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NEGATE: tl.constexpr,
 ):
     """Base-2 LSE_j((g_j - C_ij) * scale) for the rows ``rows`` (BLOCK_N,), streamed over column blocks.
+
+    NEGATE: the matrix in memory holds -C (scores or logits), negated as it is read.
 
     g = 0 when ``g_valid`` is false (the zero g of iteration 0; ``g_ptr`` must still be readable).
     Online LSE: a running max m and a sum s rescaled by exp2(m_old - m_new) whenever the max grows; a max
@@ -63,6 +77,8 @@ def _row_block_lse2(
         cost = tl.load(
             C_ptr + rows[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
         )
+        if NEGATE:
+            cost = -cost
         x = (g[None, :] - cost) * scale
         new_max = tl.maximum(run_max, tl.max(x, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -72,10 +88,21 @@ def _row_block_lse2(
 
 
 @triton.jit
-def _col_block_lse2(C_ptr, f_ptr, cols, col_mask, N, M, scale, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _col_block_lse2(
+    C_ptr,
+    f_ptr,
+    cols,
+    col_mask,
+    N,
+    M,
+    scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NEGATE: tl.constexpr,
+):
     """Base-2 LSE_i((f_i - C_ij) * scale) for the columns ``cols`` (BLOCK_M,), streamed over row blocks.
 
-    The same online LSE as ``_row_block_lse2``, transposed. Reads C[:, cols] and f once.
+    The same online LSE as ``_row_block_lse2``, transposed (and the same NEGATE). Reads C[:, cols] and f once.
     """
     dtype = C_ptr.dtype.element_ty
     rows_in_block = tl.arange(0, BLOCK_N)
@@ -88,6 +115,8 @@ def _col_block_lse2(C_ptr, f_ptr, cols, col_mask, N, M, scale, BLOCK_N: tl.const
         cost = tl.load(
             C_ptr + rows[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
         )
+        if NEGATE:
+            cost = -cost
         x = (f[:, None] - cost) * scale
         new_max = tl.maximum(run_max, tl.max(x, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -158,7 +187,9 @@ def sinkhorn_log_forward_kernel(
             for row_start in range(0, N, BLOCK_N):
                 rows = row_start + rows_in_block
                 row_mask = rows < N
-                lse2 = _row_block_lse2(C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M)
+                lse2 = _row_block_lse2(
+                    C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M, False
+                )
                 log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=0.0)
                 if CHECK_TOL:
                     f_old = tl.load(f_old_ptr + rows, mask=row_mask, other=0.0)
@@ -174,7 +205,9 @@ def sinkhorn_log_forward_kernel(
                 for col_start in range(0, M, BLOCK_M):
                     cols = col_start + cols_in_block
                     col_mask = cols < M
-                    lse2 = _col_block_lse2(C_ptr, f_new_ptr, cols, col_mask, N, M, scale, BLOCK_N, BLOCK_M)
+                    lse2 = _col_block_lse2(
+                        C_ptr, f_new_ptr, cols, col_mask, N, M, scale, BLOCK_N, BLOCK_M, False
+                    )
                     log_b = tl.load(log_b_ptr + cols, mask=col_mask, other=0.0)
                     tl.store(g_new_ptr + cols, eps * log_b - lse2 * inv_scale, mask=col_mask)
                 tl.debug_barrier()
@@ -326,6 +359,300 @@ def sinkhorn_log_backward_kernel(
         tl.debug_barrier()
 
 
+# -------------------------------------------------------------- split regime: blocks of problems in the grid
+# One launch per half-step: grid (B, row blocks) for the row update, (B, column blocks) for the column
+# update, so a problem spreads over many multiprocessors (the one-program kernels above use one per problem,
+# latency-bound past ~100 x 100). No host synchronisation: the tol check and the per-problem stop live in
+# device buffers (err_part, stopped, n_done) that the next launch reads.
+
+
+@triton.jit(do_not_specialize=["t", "n_iters", "eps_bits", "scale_bits"])
+def sinkhorn_split_row_kernel(
+    C_ptr,
+    log_a_ptr,
+    f_hist_ptr,
+    g_hist_ptr,
+    err_part_ptr,
+    stopped_ptr,
+    N,
+    M,
+    n_iters,
+    t,
+    eps_bits,
+    scale_bits,
+    CHECK_TOL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Row update of iteration t for rows block pid(1) of problem pid(0): f^t_i -> f_hist[t-1].
+
+    With CHECK_TOL, also this block's share of the row-marginal error of iteration t-1 (from the same LSE)
+    -> err_part[b, block]; a stopped problem is skipped. Reads BLOCK_N x M of C and g^{t-1} once.
+    """
+    dtype = C_ptr.dtype.element_ty
+    eps = _float_from_bits(eps_bits).to(dtype)
+    scale = _float_from_bits(scale_bits).to(dtype)
+    problem = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    running = True
+    if CHECK_TOL:
+        running = tl.load(stopped_ptr + problem) == 0
+    if running:
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        C_ptr += problem * N * M
+        f_hist_ptr += problem * n_iters * N
+        g_old_ptr = g_hist_ptr + problem * n_iters * M + tl.maximum(t - 2, 0) * M
+        lse2 = _row_block_lse2(C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M, False)
+        log_a = tl.load(log_a_ptr + problem * N + rows, mask=row_mask, other=0.0)
+        if CHECK_TOL:
+            f_old = tl.load(f_hist_ptr + tl.maximum(t - 2, 0) * N + rows, mask=row_mask, other=0.0)
+            err = tl.where(row_mask, tl.abs(tl.exp2(f_old * scale + lse2) - tl.exp(log_a)), 0.0)
+            tl.store(err_part_ptr + problem * tl.num_programs(1) + block, tl.sum(err, axis=0))
+        tl.store(f_hist_ptr + (t - 1) * N + rows, eps * log_a - lse2 * (1.0 / scale), mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["t", "n_iters", "eps_bits", "scale_bits", "tol_bits"])
+def sinkhorn_split_col_kernel(
+    C_ptr,
+    log_b_ptr,
+    f_hist_ptr,
+    g_hist_ptr,
+    err_part_ptr,
+    stopped_ptr,
+    n_done_ptr,
+    N,
+    M,
+    n_iters,
+    t,
+    eps_bits,
+    scale_bits,
+    tol_bits,
+    n_row_blocks,
+    CHECK_TOL: tl.constexpr,
+    ERR_BLOCKS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Column update of iteration t for column block pid(1) of problem pid(0): g^t_j -> g_hist[t-1],
+    n_done[b] = t. With CHECK_TOL (t > 1), the problem stops first when the summed err_part < tol
+    (every block of the problem sees the same sum, so they agree). Reads N x BLOCK_M of C and f^t once.
+    """
+    dtype = C_ptr.dtype.element_ty
+    eps = _float_from_bits(eps_bits).to(dtype)
+    scale = _float_from_bits(scale_bits).to(dtype)
+    problem = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    running = True
+    if CHECK_TOL:
+        running = tl.load(stopped_ptr + problem) == 0
+        parts = tl.arange(0, ERR_BLOCKS)
+        err = tl.sum(
+            tl.load(err_part_ptr + problem * n_row_blocks + parts, mask=parts < n_row_blocks, other=0.0),
+            axis=0,
+        )
+        stop_now = running & (t > 1) & (err < _float_from_bits(tol_bits).to(dtype))
+        tl.store(stopped_ptr + problem, 1, mask=stop_now)
+        running = running != stop_now  # stop_now implies running: this clears it
+    if running:
+        cols = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_mask = cols < M
+        f_new_ptr = f_hist_ptr + problem * n_iters * N + (t - 1) * N
+        lse2 = _col_block_lse2(
+            C_ptr + problem * N * M, f_new_ptr, cols, col_mask, N, M, scale, BLOCK_N, BLOCK_M, False
+        )
+        log_b = tl.load(log_b_ptr + problem * M + cols, mask=col_mask, other=0.0)
+        g_new = eps * log_b - lse2 * (1.0 / scale)
+        tl.store(g_hist_ptr + problem * n_iters * M + (t - 1) * M + cols, g_new, mask=col_mask)
+        if block == 0:
+            tl.store(n_done_ptr + problem, t.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["step", "n_iters", "eps_bits", "scale_bits"])
+def sinkhorn_split_backward_row_kernel(
+    C_ptr,
+    log_b_ptr,
+    f_hist_ptr,
+    g_hist_ptr,
+    n_done_ptr,
+    grad_f_ptr,
+    adj_g_ptr,
+    adj_f_ptr,
+    grad_log_a_ptr,
+    N,
+    M,
+    n_iters,
+    step,
+    eps_bits,
+    scale_bits,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Backward step ``step`` (t = n_done[b] - step, skipped when t < 1), rows block pid(1) of problem pid(0):
+        F_i = [step == 0] grad_f_i - sum_j G_j Pc_ij  -> adj_f;   grad_log_a_i += eps F_i
+    with G = adj_g[b, step % 2] the adjoint of g^t and Pc the column softmax of the g^t update (see
+    sinkhorn_log_backward_kernel). Reads BLOCK_N x M of C once.
+    """
+    dtype = C_ptr.dtype.element_ty
+    eps = _float_from_bits(eps_bits).to(dtype)
+    scale = _float_from_bits(scale_bits).to(dtype)
+    problem = tl.program_id(0).to(tl.int64)
+    t = tl.load(n_done_ptr + problem).to(tl.int32) - step
+    if t >= 1:
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        C_ptr += problem * N * M
+        log_b_ptr += problem * M
+        g_t_ptr = g_hist_ptr + problem * n_iters * M + (t - 1) * M
+        adj_g_ptr += problem * 2 * M + (step % 2) * M
+        f_t = tl.load(
+            f_hist_ptr + problem * n_iters * N + (t - 1) * N + rows, mask=row_mask, other=float("-inf")
+        )
+        adj_f = tl.where(step == 0, tl.load(grad_f_ptr + problem * N + rows, mask=row_mask, other=0.0), 0.0)
+        for col_start in range(0, M, BLOCK_M):
+            cols = col_start + tl.arange(0, BLOCK_M)
+            col_mask = cols < M
+            v = _col_softmax_shift(g_t_ptr, log_b_ptr, cols, col_mask, eps)
+            adj_g = tl.load(adj_g_ptr + cols, mask=col_mask, other=0.0)
+            cost = tl.load(
+                C_ptr + rows[:, None] * M + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            adj_f -= tl.sum(adj_g[None, :] * tl.exp2((f_t[:, None] + v[None, :] - cost) * scale), axis=1)
+        tl.store(adj_f_ptr + problem * N + rows, adj_f, mask=row_mask)
+        grad_log_a = tl.load(grad_log_a_ptr + problem * N + rows, mask=row_mask, other=0.0)
+        tl.store(grad_log_a_ptr + problem * N + rows, grad_log_a + eps * adj_f, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["step", "n_iters", "eps_bits", "scale_bits"])
+def sinkhorn_split_backward_col_kernel(
+    C_ptr,
+    log_a_ptr,
+    log_b_ptr,
+    f_hist_ptr,
+    g_hist_ptr,
+    n_done_ptr,
+    adj_g_ptr,
+    adj_f_ptr,
+    grad_C_ptr,
+    grad_log_b_ptr,
+    N,
+    M,
+    n_iters,
+    step,
+    eps_bits,
+    scale_bits,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The rest of backward step ``step`` for column block pid(1) of problem pid(0), with F complete:
+        grad_C_ij += G_j Pc_ij + F_i Pr_ij;   G'_j = -sum_i F_i Pr_ij -> adj_g[b, (step + 1) % 2]
+        grad_log_b_j += eps G_j
+    Reads C and grad_C over N x BLOCK_M once, writes grad_C once.
+    """
+    dtype = C_ptr.dtype.element_ty
+    eps = _float_from_bits(eps_bits).to(dtype)
+    scale = _float_from_bits(scale_bits).to(dtype)
+    problem = tl.program_id(0).to(tl.int64)
+    t = tl.load(n_done_ptr + problem).to(tl.int32) - step
+    if t >= 1:
+        cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_mask = cols < M
+        C_ptr += problem * N * M
+        grad_C_ptr += problem * N * M
+        log_a_ptr += problem * N
+        adj_f_ptr += problem * N
+        f_t_ptr = f_hist_ptr + problem * n_iters * N + (t - 1) * N
+        g_hist_ptr += problem * n_iters * M
+        adj_g_ptr += problem * 2 * M
+        v = _col_softmax_shift(g_hist_ptr + (t - 1) * M, log_b_ptr + problem * M, cols, col_mask, eps)
+        adj_g = tl.load(adj_g_ptr + (step % 2) * M + cols, mask=col_mask, other=0.0)
+        g_prev = tl.load(g_hist_ptr + tl.maximum(t - 2, 0) * M + cols, mask=col_mask, other=float("-inf"))
+        g_prev = tl.where(t > 1, g_prev, tl.where(col_mask, 0.0, float("-inf")))
+        adj_g_new = tl.zeros([BLOCK_M], dtype)
+        for row_start in range(0, N, BLOCK_N):
+            rows = row_start + tl.arange(0, BLOCK_N)
+            row_mask = rows < N
+            f_t = tl.load(f_t_ptr + rows, mask=row_mask, other=float("-inf"))
+            log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=float("-inf"))
+            u = tl.where(log_a > float("-inf"), f_t - eps * log_a, float("-inf"))
+            adj_f = tl.load(adj_f_ptr + rows, mask=row_mask, other=0.0)
+            tile_mask = row_mask[:, None] & col_mask[None, :]
+            tile_offsets = rows[:, None] * M + cols[None, :]
+            cost = tl.load(C_ptr + tile_offsets, mask=tile_mask, other=0.0)
+            p_col = tl.exp2((f_t[:, None] + v[None, :] - cost) * scale)
+            p_row = tl.exp2((u[:, None] + g_prev[None, :] - cost) * scale)
+            grad_cost = tl.load(grad_C_ptr + tile_offsets, mask=tile_mask, other=0.0)
+            tl.store(
+                grad_C_ptr + tile_offsets,
+                grad_cost + adj_g[None, :] * p_col + adj_f[:, None] * p_row,
+                mask=tile_mask,
+            )
+            adj_g_new -= tl.sum(adj_f[:, None] * p_row, axis=0)
+        tl.store(adj_g_ptr + ((step + 1) % 2) * M + cols, adj_g_new, mask=col_mask)
+        grad_log_b = tl.load(grad_log_b_ptr + problem * M + cols, mask=col_mask, other=0.0)
+        tl.store(grad_log_b_ptr + problem * M + cols, grad_log_b + eps * adj_g, mask=col_mask)
+
+
+# -------------------------------------------------------------- Sinkhorn-Knopp (SwAV / DINOv2) on logits
+# Sinkhorn on C = -logits (B samples x K prototypes) with the column (prototype) update first, as SwAV does:
+#   g_k = -eps log K - eps LSE_i((f_i + L_ik) / eps),   f_i = -eps log B - eps LSE_k((g_k + L_ik) / eps),
+# from f = 0; then Q_ik = B exp((f_i + g_k + L_ik) / eps) (rows sum to 1). Per iteration the logits are
+# read twice (one launch per half-step, blocks in the grid), then once more to write Q: no (B, K)
+# temporary beyond Q. SwAV's initial normalisation by the total mass is a constant shift of L that the first
+# column update removes.
+
+
+@triton.jit(do_not_specialize=["log2_n_bits", "scale_bits"])
+def sinkhorn_knopp_col_kernel(
+    L_ptr, f_ptr, g_ptr, B, K, log2_n_bits, scale_bits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """g_k for the prototypes of block pid(0): reads B x BLOCK_M logits and f once."""
+    scale = _float_from_bits(scale_bits).to(tl.float32)
+    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_mask = cols < K
+    lse2 = _col_block_lse2(L_ptr, f_ptr, cols, col_mask, B, K, scale, BLOCK_N, BLOCK_M, NEGATE=True)
+    tl.store(
+        g_ptr + cols,
+        -(_float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
+        mask=col_mask,
+    )
+
+
+@triton.jit(do_not_specialize=["log2_n_bits", "scale_bits"])
+def sinkhorn_knopp_row_kernel(
+    L_ptr, f_ptr, g_ptr, B, K, log2_n_bits, scale_bits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """f_i for the samples of block pid(0): reads BLOCK_N x K logits and g once."""
+    scale = _float_from_bits(scale_bits).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < B
+    lse2 = _row_block_lse2(L_ptr, g_ptr, True, rows, row_mask, K, scale, BLOCK_N, BLOCK_M, NEGATE=True)
+    tl.store(
+        f_ptr + rows,
+        -(_float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
+        mask=row_mask,
+    )
+
+
+@triton.jit(do_not_specialize=["log2_b_bits", "scale_bits"])
+def sinkhorn_knopp_plan_kernel(
+    L_ptr, f_ptr, g_ptr, Q_ptr, B, K, log2_b_bits, scale_bits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """Q_ik = exp2((f_i + g_k + L_ik) * scale + log2 B) on a BLOCK_N x BLOCK_M tile."""
+    scale = _float_from_bits(scale_bits).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < B)[:, None] & (cols < K)[None, :]
+    offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    logits = tl.load(L_ptr + offsets, mask=mask, other=0.0)
+    f = tl.load(f_ptr + rows, mask=rows < B, other=0.0)
+    g = tl.load(g_ptr + cols, mask=cols < K, other=0.0)
+    x = (f[:, None] + g[None, :] + logits) * scale + _float_from_bits(log2_b_bits).to(tl.float32)
+    tl.store(Q_ptr + offsets, tl.exp2(x), mask=mask)
+
+
 def _float_bits(x: float) -> int:
     """The IEEE-754 binary64 bit pattern of ``x`` as a signed int64 (see the module docstring)."""
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
@@ -346,6 +673,155 @@ def _tile_config(
     block_n = block_n or min(64, max(16, triton.next_power_of_2(N)), max(16, 16384 // (itemsize * block_m)))
     num_warps = 8 if block_n * block_m * itemsize >= 8192 else 4
     return block_n, block_m, num_warps
+
+
+SPLIT_MIN_ENTRIES = 128 * 128  # N * M from which the split regime is the default (H200 measurements)
+
+
+def use_split_regime(B: int, N: int, M: int) -> bool:
+    """Whether a (B, N, M) solve takes the split regime (one launch per half-step, blocks of each problem
+    spread over the GPU) rather than one program per problem for the whole solve.
+
+    ``S2DC_TRITON_SINKHORN_REGIME`` = "program" or "split" forces one (benchmarks, tests); default: split
+    from SPLIT_MIN_ENTRIES entries per problem, where one program per problem is latency-bound.
+    """
+    regime = os.environ.get("S2DC_TRITON_SINKHORN_REGIME", "auto")
+    if regime not in ("auto", "program", "split"):
+        raise ValueError(f"S2DC_TRITON_SINKHORN_REGIME must be auto, program or split, got {regime!r}")
+    return regime == "split" or (regime == "auto" and N * M >= SPLIT_MIN_ENTRIES)
+
+
+GRAPH_MAX_ENTRIES = 2**22  # B * N * M up to which split-regime launch sequences are replayed as CUDA graphs
+_GRAPH_CACHE_SIZE = 16
+
+
+class _LaunchGraphs:
+    """CUDA graphs of split-regime launch sequences, one per (kind, shapes, dtypes, scalars), least recently
+    used dropped past _GRAPH_CACHE_SIZE.
+
+    2 * n_iters launches from Python cost ~10-20 us each on the host while each runs in a few us on the
+    GPU: a graph replays them all in one call. A graph owns static copies of its inputs and outputs: each
+    call copies the inputs in (one pass over C, B * N * M <= GRAPH_MAX_ENTRIES) and clones the outputs.
+    The first call of a key launches directly (it also compiles the kernels), the second captures, later
+    ones replay. Off under stream capture by the caller and with S2DC_CUDA_GRAPHS=0.
+    """
+
+    def __init__(self) -> None:
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.seen: set = set()
+
+    def run(self, key: tuple, launch, inputs: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, ...]):
+        """launch(*inputs, *outputs) fills ``outputs`` in place (and leaves ``inputs`` unchanged)."""
+        device = inputs[0].device
+        if (
+            device.type != "cuda"
+            or os.environ.get("S2DC_CUDA_GRAPHS", "1") == "0"
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            launch(*inputs, *outputs)
+            return
+        key = (*key, device, *((t.shape, t.dtype) for t in (*inputs, *outputs)))
+        if key not in self.graphs:
+            if key not in self.seen:
+                self.seen.add(key)
+                launch(*inputs, *outputs)
+                return
+            static_in = tuple(t.clone() for t in inputs)
+            static_out = tuple(torch.empty_like(t) for t in outputs)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                launch(*static_in, *static_out)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graphs[key] = (graph, static_in, static_out)
+            if len(self.graphs) > _GRAPH_CACHE_SIZE:
+                self.graphs.popitem(last=False)
+        graph, static_in, static_out = self.graphs[key]
+        self.graphs.move_to_end(key)
+        for static, t in zip(static_in, inputs, strict=True):
+            static.copy_(t)
+        graph.replay()
+        for t, static in zip(outputs, static_out, strict=True):
+            t.copy_(static)
+
+
+_launch_graphs = _LaunchGraphs()
+
+
+def _split_blocks(N: int, M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(row-pass BLOCK_N, BLOCK_M, column-pass BLOCK_N, BLOCK_M): 2048-entry fp32 tiles (1024 fp64), narrow
+    row blocks / column blocks so that even one problem fills the grid."""
+    wide = 128 if dtype == torch.float32 else 64
+    row_n = 16
+    row_m = min(wide, max(16, triton.next_power_of_2(M)))
+    col_m = min(32, max(16, triton.next_power_of_2(M)))
+    col_n = min(wide // 2, max(16, triton.next_power_of_2(N)))
+    return row_n, row_m, col_n, col_m
+
+
+def _split_forward(C, log_a, log_b, eps, n_iters, tol, f_hist, g_hist, n_done) -> None:
+    """Fill f_hist, g_hist and n_done by 2 * n_iters launches (see sinkhorn_split_row_kernel), replayed as
+    one CUDA graph for small problems (see _LaunchGraphs)."""
+    B, N, M = C.shape
+    row_n, row_m, col_n, col_m = _split_blocks(N, M, C.dtype)
+    n_row_blocks, n_col_blocks = triton.cdiv(N, row_n), triton.cdiv(M, col_m)
+    check_tol = tol > 0
+    bits = _float_bits(eps), _float_bits(LOG2E / eps)
+
+    def launch(C, log_a, log_b, f_hist, g_hist, n_done):
+        err_part = C.new_zeros(B, n_row_blocks)
+        stopped = torch.zeros(B, dtype=torch.int32, device=C.device)
+        n_done.fill_(0 if check_tol else n_iters)
+        for t in range(1, n_iters + 1):
+            sinkhorn_split_row_kernel[(B, n_row_blocks)](
+                C, log_a, f_hist, g_hist, err_part, stopped, N, M, n_iters, t, *bits,
+                CHECK_TOL=check_tol, BLOCK_N=row_n, BLOCK_M=row_m, num_warps=4,
+            )  # fmt: skip
+            sinkhorn_split_col_kernel[(B, n_col_blocks)](
+                C, log_b, f_hist, g_hist, err_part, stopped, n_done, N, M, n_iters, t, *bits,
+                _float_bits(tol), n_row_blocks, CHECK_TOL=check_tol,
+                ERR_BLOCKS=triton.next_power_of_2(n_row_blocks), BLOCK_N=col_n, BLOCK_M=col_m, num_warps=4,
+            )  # fmt: skip
+
+    if B * N * M > GRAPH_MAX_ENTRIES:
+        launch(C, log_a, log_b, f_hist, g_hist, n_done)
+    else:
+        key = ("forward", n_iters, bits, _float_bits(tol))
+        _launch_graphs.run(key, launch, (C, log_a, log_b), (f_hist, g_hist, n_done))
+
+
+def _split_backward(
+    C, log_a, log_b, eps, f_hist, g_hist, n_done, grad_f, adj_g, grad_C, grad_log_a, grad_log_b
+):
+    """Accumulate the unrolled gradient by 2 launches per iteration (see sinkhorn_split_backward_row_kernel;
+    problems that stopped early skip the launches past their n_done), replayed as one CUDA graph for small
+    problems. grad_C, grad_log_a, grad_log_b come zeroed; adj_g (B, 2, M) holds grad_g and zeros."""
+    B, N, M = C.shape
+    n_iters = f_hist.shape[1]
+    row_n, row_m, col_n, col_m = _split_blocks(N, M, C.dtype)
+    bits = _float_bits(eps), _float_bits(LOG2E / eps)
+
+    def launch(C, log_a, log_b, f_hist, g_hist, n_done, grad_f, adj_g_in, grad_C, grad_log_a, grad_log_b):
+        adj_f = torch.empty_like(log_a)
+        adj_g = adj_g_in.clone()  # ping-pong scratch: the input stays as given
+        for t in (grad_C, grad_log_a, grad_log_b):
+            t.zero_()
+        for step in range(n_iters):
+            sinkhorn_split_backward_row_kernel[(B, triton.cdiv(N, row_n))](
+                C, log_b, f_hist, g_hist, n_done, grad_f, adj_g, adj_f, grad_log_a, N, M, n_iters, step,
+                *bits, BLOCK_N=row_n, BLOCK_M=row_m, num_warps=4,
+            )  # fmt: skip
+            sinkhorn_split_backward_col_kernel[(B, triton.cdiv(M, col_m))](
+                C, log_a, log_b, f_hist, g_hist, n_done, adj_g, adj_f, grad_C, grad_log_b, N, M, n_iters,
+                step, *bits, BLOCK_N=col_n, BLOCK_M=col_m, num_warps=4,
+            )  # fmt: skip
+
+    inputs = (C, log_a, log_b, f_hist, g_hist, n_done, grad_f, adj_g)
+    if B * N * M > GRAPH_MAX_ENTRIES:
+        launch(*inputs, grad_C, grad_log_a, grad_log_b)
+    else:
+        _launch_graphs.run(("backward", bits), launch, inputs, (grad_C, grad_log_a, grad_log_b))
 
 
 def _check_inputs(C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> tuple[int, int, int]:
@@ -392,6 +868,12 @@ def sinkhorn_forward(
     n_done = torch.zeros(B, dtype=torch.int64, device=C.device)
     if B == 0:
         return f, g, f_hist, g_hist, n_done
+    if use_split_regime(B, N, M):
+        _split_forward(C, log_a, log_b, eps, n_iters, tol, f_hist, g_hist, n_done)
+        index = (n_done - 1).view(B, 1, 1)
+        f.copy_(f_hist.gather(1, index.expand(B, 1, N)).squeeze(1))
+        g.copy_(g_hist.gather(1, index.expand(B, 1, M)).squeeze(1))
+        return f, g, f_hist, g_hist, n_done
     block_n, block_m, num_warps = _tile_config(N, M, C.dtype, block_n, block_m)
     sinkhorn_log_forward_kernel[(B,)](
         C, log_a, log_b, f, g, f_hist, g_hist, n_done,
@@ -430,6 +912,10 @@ def sinkhorn_backward(
     if B == 0:
         return grad_C, grad_log_a, grad_log_b
     adj_g = torch.stack((grad_g.to(C.dtype), torch.zeros_like(log_b)), dim=1)  # (B, 2, M): G, G'
+    if use_split_regime(B, N, M):
+        args = (C, log_a, log_b, eps, f_hist.contiguous(), g_hist.contiguous(), n_done.contiguous())
+        _split_backward(*args, grad_f.to(C.dtype).contiguous(), adj_g, grad_C, grad_log_a, grad_log_b)
+        return grad_C, grad_log_a, grad_log_b
     block_n, block_m, num_warps = _tile_config(N, M, C.dtype, block_n, block_m)
     sinkhorn_log_backward_kernel[(B,)](
         C, log_a, log_b, f_hist.contiguous(), g_hist.contiguous(), n_done.contiguous(),
@@ -438,3 +924,27 @@ def sinkhorn_backward(
         BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
     )  # fmt: skip
     return grad_C, grad_log_a, grad_log_b
+
+
+def sinkhorn_knopp(logits: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp targets of (B, K) float32 logits in 2 * n_iters + 1 launches (see
+    sinkhorn_knopp_col_kernel): Q (B, K), rows summing to 1."""
+    logits = logits.contiguous()
+    if logits.dtype != torch.float32:
+        raise TypeError(f"expected float32 logits, got {logits.dtype}")
+    B, K = logits.shape
+    f = logits.new_zeros(B)
+    g = logits.new_empty(K)
+    Q = torch.empty_like(logits)
+    scale = _float_bits(LOG2E / eps)
+    for _ in range(n_iters):
+        sinkhorn_knopp_col_kernel[(triton.cdiv(K, 32),)](
+            logits, f, g, B, K, _float_bits(math.log2(K)), scale, BLOCK_N=64, BLOCK_M=32, num_warps=4
+        )
+        sinkhorn_knopp_row_kernel[(triton.cdiv(B, 16),)](
+            logits, f, g, B, K, _float_bits(math.log2(B)), scale, BLOCK_N=16, BLOCK_M=128, num_warps=4
+        )
+    sinkhorn_knopp_plan_kernel[(triton.cdiv(B, 32), triton.cdiv(K, 128))](
+        logits, f, g, Q, B, K, _float_bits(math.log2(B)), scale, BLOCK_N=32, BLOCK_M=128, num_warps=4
+    )
+    return Q
