@@ -265,6 +265,18 @@ def test_sample_views_are_consistent_and_reproducible(volume_files):
     assert not torch.equal(views.affine, other.affine)
 
 
+@pytest.mark.cuda
+def test_views_on_the_gpu_equal_the_cpu_views(volume_files):
+    """The warp, crops and augmentation run on the training device from the same random draws."""
+    dataset = VolumeDataset(volume_files, Geometry())
+    on_cpu = dataset.sample(1, torch.Generator().manual_seed(3))
+    on_gpu = dataset.sample(1, torch.Generator().manual_seed(3), device="cuda")
+    for name in ("source", "teacher", "augmented"):
+        assert getattr(on_gpu, name).is_cuda
+        torch.testing.assert_close(getattr(on_gpu, name).cpu(), getattr(on_cpu, name), rtol=1e-5, atol=1e-5)
+    assert torch.equal(on_gpu.truth.cpu(), on_cpu.truth) and torch.equal(on_gpu.affine.cpu(), on_cpu.affine)
+
+
 def test_augmented_crops_are_flipped_and_jittered(volume_files):
     views = VolumeDataset(volume_files, Geometry()).sample(1, torch.Generator().manual_seed(2))
     for source, augmented in zip(views.source, views.augmented, strict=True):

@@ -272,6 +272,7 @@ def warp_region(region: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     normalised_offset = (linear @ centre + offset - centre) / half
     reverse = [2, 1, 0]
     theta = torch.cat([normalised_linear[reverse][:, reverse], normalised_offset[reverse, None]], 1)
+    theta = theta.to(region.device)
     grid = F.affine_grid(theta[None], [1, 1, *region.shape], align_corners=False).to(region.dtype)
     # mode "bilinear" on a 5D input is trilinear interpolation
     warped = F.grid_sample(
@@ -374,15 +375,21 @@ class VolumeDataset:
     def __len__(self) -> int:
         return len(self.volumes)
 
-    def sample(self, index: int, generator: torch.Generator) -> Views:
+    def sample(self, index: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Views:
         """The views of volume ``index``; the region position, affine and augmentations come from
-        ``generator`` only (in that order), so equal generator states give equal views."""
+        ``generator`` only (in that order), so equal generator states give equal views.
+
+        The region is moved to ``device`` before it is warped, cropped and augmented (the trilinear warp
+        of a 384 x 384 x 96 region takes ~0.5 s on 2 CPU cores, well under a millisecond on a GPU); the
+        random draws stay on the CPU generator, so the views do not depend on the device beyond rounding.
+        """
         volume, geometry = self.volumes[index], self.geometry
         origin = [
             int(torch.randint(0, v - r + 1, (1,), generator=generator))
             for v, r in zip(volume.shape, geometry.region, strict=True)
         ]
         region = volume[tuple(slice(o, o + r) for o, r in zip(origin, geometry.region, strict=True))]
+        region = region.to(device)
         affine = random_affine(geometry, generator)
         source = split_crops(region, geometry)
         return Views(

@@ -92,7 +92,7 @@ class Trainer:
     def _batch(self) -> Views:
         """B volumes drawn (with replacement) and their views, all from ``self.generator``."""
         indices = torch.randint(len(self.dataset), (self.args.batch_size,), generator=self.generator)
-        views = collate([self.dataset.sample(int(i), self.generator) for i in indices])
+        views = collate([self.dataset.sample(int(i), self.generator, self.device) for i in indices])
         return views.to(self.device)
 
     def _sync(self) -> None:
