@@ -1,4 +1,5 @@
-"""Benchmark the Sinkhorn family: sinkhorn, log_optimal_transport (dustbin OT), sinkhorn_knopp.
+"""Benchmark the Sinkhorn family: sinkhorn, log_optimal_transport (dustbin OT), sinkhorn_knopp,
+sinkhorn_features.
 
 Providers: every available backend of ours ("s2dc-<backend>"), "eager" (the reference), "compile"
 (torch.compile of ONE iteration, the loop in Python, as in docs/anchors.md), "pot" (POT's batched
@@ -47,6 +48,18 @@ DUSTBIN_SHAPES = {
 # (B samples, K prototypes, iterations): SwAV / DINOv2 teacher targets.
 KNOPP_SHAPES = {"quick": [(256, 8192, 3)], "cpu": [(256, 65536, 3)]}
 KNOPP_SHAPES["gpu"] = [(5000, 65536, 3), (8192, 65536, 3), (256, 65536, 3)]
+# (B, N, M, d, iterations, eps, cost, modes) of sinkhorn_features: FlashSinkhorn's workloads (docs/anchors.md)
+# and a batch of 8 problems in one launch on GPUs; "fwd" returns f, "fwd+bwd" differentiates the value.
+FEATURE_SHAPES = {
+    "quick": [(1, 256, 512, 32, 10, 0.1, "sqeuclidean", ("fwd", "fwd+bwd"))],
+    "cpu": [(2, 1024, 1024, 64, 10, 0.1, "sqeuclidean", ("fwd", "fwd+bwd"))],
+    "gpu": [
+        (1, 10000, 10000, 64, 10, 0.1, "sqeuclidean", ("fwd", "fwd+bwd")),
+        (1, 4096, 16384, 128, 20, 0.05, "sqeuclidean", ("fwd", "fwd+bwd")),
+        (1, 4096, 16384, 128, 20, 0.05, "cosine", ("fwd",)),
+        (8, 2048, 2048, 64, 50, 0.05, "sqeuclidean", ("fwd",)),
+    ],
+}
 POT_MAX_ENTRIES = 2**28  # POT's temporaries at 8192 x 65536 are several times the 2 GB cost
 
 
@@ -162,6 +175,57 @@ def solver_providers(op, ours: list[str], n_entries: int, **kwargs) -> dict:
     return providers
 
 
+def point_clouds(shape: tuple[int, int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, N, d), y (B, M, d) Gaussian with variance 1/d per feature (squared distances about 2)."""
+    B, N, M, d = shape
+    return torch.randn(B, N, d, device=device) / d**0.5, torch.randn(B, M, d, device=device) / d**0.5
+
+
+def stored_feature_cost(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
+    """cost(x, y) (B, N, M) as a matrix, as an eager user builds it."""
+    if cost == "cosine":
+        unit_x, unit_y = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+        return 1 - unit_x @ unit_y.mT
+    if cost == "sqeuclidean":
+        return (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.mT
+    return -(x @ y.mT)
+
+
+def features_eager(x, y, *, cost: str, eps: float, n_iters: int, value: bool):
+    """The reference sinkhorn on the stored cost: f, or the envelope-differentiable value."""
+    C = stored_feature_cost(x, y, cost)
+    grad = "envelope" if value else "detach"
+    outputs = reference.sinkhorn(
+        C, eps=eps, n_iters=n_iters, grad=grad, return_potentials=True, return_value=value
+    )
+    return outputs[3] if value else outputs[1]
+
+
+def features_ours(x, y, *, dtype: torch.dtype | None = None, value: bool, **kwargs):
+    """sinkhorn_features: f, or the value (features cast to ``dtype`` first when given)."""
+    if dtype is not None:
+        x, y = x.to(dtype), y.to(dtype)
+    outputs = s2dc_kernels.sinkhorn_features(x, y, return_value=value, **kwargs)
+    return outputs[2] if value else outputs[0]
+
+
+def with_tf32(fn):
+    """fn with torch.backends.cuda.matmul.allow_tf32 set around the whole timed call (harness ``context``)."""
+
+    @contextlib.contextmanager
+    def context():
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+    forced = functools.partial(fn)
+    forced.context = context
+    return forced
+
+
 def make_cases(args) -> list[harness.Case]:
     preset, device = args.preset.name, args.device
     ours = harness.our_backends(SOLVER_BACKENDS, device)
@@ -203,6 +267,23 @@ def make_cases(args) -> list[harness.Case]:
         providers["compile"] = partial(knopp_by_steps, compiled_swav, eps=EPS, n_iters=iters)
         inputs = partial(prototype_scores, (B, K))
         cases.append(harness.Case("sinkhorn_knopp", f"{B}x{K} {iters}it", "fwd", inputs, providers))
+
+    for B, N, M, d, iters, eps, cost, modes in FEATURE_SHAPES[preset]:
+        for mode in modes:
+            kwargs = dict(cost=cost, eps=eps, n_iters=iters, value=mode == "fwd+bwd")
+            providers = {
+                f"s2dc-{b}": partial(features_ours, backend=b, **kwargs)
+                for b in harness.our_backends(("torch", "triton"), device)
+            }
+            if "s2dc-triton" in providers:  # the tensor-core variants: tf32 products, bf16 features
+                providers["s2dc-triton-tf32"] = with_tf32(providers["s2dc-triton"])
+                providers["s2dc-triton-bf16"] = partial(
+                    features_ours, backend="triton", dtype=torch.bfloat16, **kwargs
+                )
+            providers["eager"] = partial(features_eager, **kwargs)
+            inputs = partial(point_clouds, (B, N, M, d))
+            shape = f"{B}x{N}x{M} d{d} {cost} {iters}it"
+            cases.append(harness.Case("sinkhorn_features", shape, mode, inputs, providers))
     return cases
 
 

@@ -5,6 +5,7 @@ pure-PyTorch references with the same arguments):
 
 - ``sinkhorn``: batched log-domain Sinkhorn (POT semantics), four gradient modes.
 - ``log_optimal_transport``: SuperGlue / S2DC dustbin Sinkhorn (log plan).
+- ``sinkhorn_features``: log-domain Sinkhorn between point clouds, the cost streamed from the features.
 - ``sinkhorn_knopp``: SwAV / DINOv2 Sinkhorn-Knopp, log domain, optionally across a process group.
 - ``cosine_similarity``, ``knn``, ``neighborhood_consistency``: patch similarity, k-NN and the S2DC
   neighbourhood-distribution loss.
@@ -13,7 +14,7 @@ pure-PyTorch references with the same arguments):
 from . import reference
 from ._utils import available_backends
 from .similarity import cosine_similarity, knn, neighborhood_consistency
-from .sinkhorn import log_optimal_transport, sinkhorn, sinkhorn_knopp
+from .sinkhorn import log_optimal_transport, sinkhorn, sinkhorn_features, sinkhorn_knopp
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,6 @@ __all__ = [
     "neighborhood_consistency",
     "reference",
     "sinkhorn",
+    "sinkhorn_features",
     "sinkhorn_knopp",
 ]

@@ -409,3 +409,256 @@ def sinkhorn_knopp(
         L = L - (_group_logsumexp(L, 0, process_group) + math.log(K))
         L = L - (torch.logsumexp(L, dim=1, keepdim=True) + math.log(b_total))
     return torch.exp(L + math.log(b_total))
+
+
+# ---------------------------------------------------------------- Sinkhorn on features (cost never stored)
+FEATURE_COSTS = ("cosine", "sqeuclidean", "dot")
+FEATURE_BACKENDS = ("torch", "triton")
+FEATURE_GRADS = ("envelope", "detach")
+
+
+@torch.library.custom_op("s2dc::sinkhorn_features_solve", mutates_args=())
+def sinkhorn_features_solve(
+    X: Tensor,
+    Y: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    gamma: float,
+    eps: float,
+    n_iters: int,
+    tol: float,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor]:
+    """Potentials f (B, N), g (B, M) of log-domain Sinkhorn on C_ij = alpha_i + beta_j - gamma X_i . Y_j,
+    streamed from the features by the Triton kernels (no gradient)."""
+    from .triton_kernels import sinkhorn_features as triton_features
+
+    return triton_features.features_solve(
+        X, Y, alpha, beta, log_a, log_b, gamma, eps, n_iters, tol, allow_tf32
+    )
+
+
+@sinkhorn_features_solve.register_fake
+def _(X, Y, alpha, beta, log_a, log_b, gamma, eps, n_iters, tol, allow_tf32):
+    return alpha.new_empty(alpha.shape), beta.new_empty(beta.shape)
+
+
+@torch.library.custom_op("s2dc::sinkhorn_features_plan_sums", mutates_args=())
+def sinkhorn_features_plan_sums(
+    X: Tensor,
+    Y: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    pot_x: Tensor,
+    pot_y: Tensor,
+    w: Tensor,
+    gamma: float,
+    eps: float,
+    with_z: bool,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums over j of the plan P_ij = exp((pot_x_i + pot_y_j - C_ij) / eps), streamed: r = P 1 (B, N),
+    q = P w (B, N), Z = P Y (B, N, d) when ``with_z`` (else (B, N, 0))."""
+    from .triton_kernels import sinkhorn_features as triton_features
+
+    return triton_features.features_plan_sums(
+        X, Y, alpha, beta, pot_x, pot_y, w, gamma, eps, with_z, allow_tf32
+    )
+
+
+@sinkhorn_features_plan_sums.register_fake
+def _(X, Y, alpha, beta, pot_x, pot_y, w, gamma, eps, with_z, allow_tf32):
+    B, N, D = X.shape
+    return alpha.new_empty(B, N), alpha.new_empty(B, N), alpha.new_empty(B, N, D if with_z else 0)
+
+
+@torch.library.custom_op("s2dc::sinkhorn_features_value", mutates_args=())
+def sinkhorn_features_value(
+    X: Tensor,
+    Y: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    f: Tensor,
+    g: Tensor,
+    u: Tensor,
+    v: Tensor,
+    gamma: float,
+    eps: float,
+    allow_tf32: bool,
+) -> Tensor:
+    """W = sum_ij P_ij (u_i + v_j) = sum_i (r_i u_i + (P v)_i), (B,): the entropic value
+    sum P C + eps sum P (log P - log a - log b) with u = f - eps log a, v = g - eps log b (0 at zero mass).
+    Its registered backward is the envelope gradient dW/dC = P chained to X, Y, alpha, beta."""
+    r, q, _ = sinkhorn_features_plan_sums(X, Y, alpha, beta, f, g, v, gamma, eps, False, allow_tf32)
+    return (r * u).sum(-1) + q.sum(-1)
+
+
+@sinkhorn_features_value.register_fake
+def _(X, Y, alpha, beta, f, g, u, v, gamma, eps, allow_tf32):
+    return alpha.new_empty(alpha.shape[0])
+
+
+def _features_value_setup(ctx, inputs, output):
+    X, Y, alpha, beta, f, g, _, _, gamma, eps, allow_tf32 = inputs
+    ctx.save_for_backward(X, Y, alpha, beta, f, g)
+    ctx.gamma, ctx.eps, ctx.allow_tf32 = gamma, eps, allow_tf32
+
+
+def _features_value_backward(ctx, grad_value):
+    """dW/dX_i = -gamma sum_j P_ij Y_j, dW/dalpha_i = sum_j P_ij, and the same over i for Y and beta: one
+    streamed pass per side, skipped when that side needs no gradient."""
+    X, Y, alpha, beta, f, g = ctx.saved_tensors
+    scale = grad_value[:, None]
+    grads = [None] * 11
+    for side, (rows, cols, alpha_rows, beta_cols, pot_rows, pot_cols) in enumerate(
+        ((X, Y, alpha, beta, f, g), (Y, X, beta, alpha, g, f))
+    ):
+        if ctx.needs_input_grad[side] or ctx.needs_input_grad[2 + side]:
+            row_mass, _, plan_times_cols = sinkhorn_features_plan_sums(
+                rows, cols, alpha_rows, beta_cols, pot_rows, pot_cols, torch.zeros_like(pot_cols), ctx.gamma,
+                ctx.eps, True, ctx.allow_tf32,
+            )  # fmt: skip
+            grads[side] = (-ctx.gamma * scale[..., None] * plan_times_cols).to(rows.dtype)
+            grads[2 + side] = scale * row_mass
+    return tuple(grads)
+
+
+sinkhorn_features_value.register_autograd(_features_value_backward, setup_context=_features_value_setup)
+
+
+def _feature_terms(x: Tensor, y: Tensor, cost: str, dtype: torch.dtype):
+    """(X, Y, alpha, beta, gamma) with cost(x, y)_ij = alpha_i + beta_j - gamma X_i . Y_j, differentiable.
+
+    cosine: X = x / |x|, Y = y / |y| (as F.normalize: a zero row stays zero), alpha = 1, beta = 0, gamma = 1;
+    sqeuclidean: X = x, Y = y, alpha = |x|^2, beta = |y|^2, gamma = 2; dot: alpha = beta = 0, gamma = 1.
+    alpha, beta in the solver ``dtype``; X, Y in the features' dtype (normalised in ``dtype`` first).
+    """
+    xs, ys = x.to(dtype), y.to(dtype)
+    zeros_x, zeros_y = xs.new_zeros(xs.shape[:-1]), ys.new_zeros(ys.shape[:-1])
+    if cost == "cosine":
+        X, Y = torch.nn.functional.normalize(xs, dim=-1), torch.nn.functional.normalize(ys, dim=-1)
+        return X.to(x.dtype), Y.to(y.dtype), zeros_x + 1.0, zeros_y, 1.0
+    if cost == "sqeuclidean":
+        return x, y, (xs * xs).sum(-1), (ys * ys).sum(-1), 2.0
+    return x, y, zeros_x, zeros_y, 1.0
+
+
+def _feature_cost(x: Tensor, y: Tensor, cost: str, dtype: torch.dtype) -> Tensor:
+    """cost(x, y) (B, N, M) in ``dtype``, built explicitly (the torch backend)."""
+    X, Y, alpha, beta, gamma = _feature_terms(x, y, cost, dtype)
+    scores = X.to(dtype) @ Y.to(dtype).mT
+    return alpha[..., :, None] + beta[..., None, :] - gamma * scores
+
+
+def sinkhorn_features(
+    x: Tensor,
+    y: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    eps: float = 0.05,
+    n_iters: int = 100,
+    cost: str = "cosine",
+    tol: float | None = None,
+    grad: str = "envelope",
+    backend: str = "auto",
+    return_value: bool = False,
+):
+    """Log-domain Sinkhorn between two point clouds, the cost computed from the features on the fly.
+
+    The potentials are exactly those of ``sinkhorn(C, a, b, eps=eps, n_iters=n_iters, tol=tol,
+    return_potentials=True)`` on C = cost(x, y): "cosine" C_ij = 1 - x_i.y_j / (|x_i| |y_j|), "sqeuclidean"
+    C_ij = |x_i - y_j|^2, "dot" C_ij = -x_i.y_j. The Triton backend never stores C: each half-step streams
+    the features (memory O((N + M) d)); fp32 features are multiplied exactly unless
+    ``torch.backends.cuda.matmul.allow_tf32`` is set (then in tf32), fp16/bf16 features on the tensor cores
+    with fp32 accumulation and fp32 potentials.
+
+    Args:
+        x: (B, N, d) or (N, d) features; y: (B, M, d) or (M, d), same dtype and d.
+        a, b: marginals (B, N) / (N,) and (B, M) / (M,), non-negative, equal total mass; None = uniform.
+            Zero entries mark points that take no mass (their potential is -inf).
+        eps: entropic regularisation, > 0.
+        n_iters: maximum number of iterations, >= 1.
+        cost: "cosine", "sqeuclidean" or "dot".
+        tol: per-problem stop on the row-marginal L1 error, as in ``sinkhorn`` (checked on the device).
+        grad: "envelope" (only the value is differentiable: dW/dC = P chained to x and y through the cost,
+            computed by streaming, dW/da = f - eps log a, dW/db = g - eps log b) or "detach" (nothing is).
+        backend: "auto" (triton on CUDA tensors, else torch), "torch" (builds C, then ``sinkhorn``: the
+            reference) or "triton".
+        return_value: also return W = sum P C + eps sum P (log P - log a - log b), (B,), with
+            P_ij = exp((f_i + g_j - C_ij) / eps).
+
+    Returns:
+        f (B, N), g (B, M) [, value (B,)] in the features' dtype; unbatched inputs give unbatched outputs.
+    """
+    check_tensor("x", x, (2, 3))
+    check_tensor("y", y, (x.dim(),))
+    eps = check_positive("eps", eps)
+    n_iters = check_int("n_iters", n_iters, 1)
+    tol = 0.0 if tol is None else check_positive("tol", tol)
+    check_choice("cost", cost, FEATURE_COSTS)
+    check_choice("grad", grad, FEATURE_GRADS)
+    device = check_same_device(x=x, y=y, a=a, b=b)
+    if y.dtype != x.dtype:
+        raise TypeError(f"y must have the dtype of x ({x.dtype}), got {y.dtype}")
+    unbatched = x.dim() == 2
+    xb, yb = (x[None], y[None]) if unbatched else (x, y)
+    B, N, D = xb.shape
+    if yb.shape[0] != B or yb.shape[2] != D:
+        raise ValueError(f"y must have shape (B, M, {D}) with B = {B} to match x, got {tuple(y.shape)}")
+    M = yb.shape[1]
+    if N == 0 or M == 0 or D == 0:
+        raise ValueError(
+            f"x and y must have at least one point and one feature, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    dtype = _solver_dtype(x.dtype)
+    a_b, b_b = _check_marginal("a", a, B, N, dtype), _check_marginal("b", b, B, M, dtype)
+    _check_masses(a_b, b_b)
+    backend = resolve_backend(backend, op="sinkhorn_features", device=device, supported=FEATURE_BACKENDS)
+    differentiable = grad == "envelope" and torch.is_grad_enabled()
+    if backend == "torch":
+        with torch.set_grad_enabled(differentiable):
+            C = _feature_cost(xb, yb, cost, dtype)
+        outputs = sinkhorn(
+            C, a, b, eps=eps, n_iters=n_iters, tol=tol or None, grad=grad, backend="torch",
+            return_potentials=True, return_value=return_value,
+        )[1:]  # fmt: skip
+    else:
+        outputs = _triton_features(xb, yb, a_b, b_b, eps, n_iters, cost, tol, differentiable, return_value)
+    if unbatched:
+        outputs = tuple(o[0] for o in outputs)
+    return tuple(o.to(x.dtype) for o in outputs)
+
+
+def _triton_features(x, y, a, b, eps, n_iters, cost, tol, differentiable, return_value):
+    """(f, g [, value]) of sinkhorn_features by the streamed Triton kernels, batched (B, ...)."""
+    B, N, _ = x.shape
+    M = y.shape[1]
+    dtype = _solver_dtype(x.dtype)
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    with torch.set_grad_enabled(differentiable):
+        X, Y, alpha, beta, gamma = _feature_terms(x, y, cost, dtype)
+        X, Y, alpha, beta = X.contiguous(), Y.contiguous(), alpha.contiguous(), beta.contiguous()
+    like = alpha.detach()
+    log_a = uniform_log_marginal(None if a is None else a.detach(), B, N, like)
+    log_b = uniform_log_marginal(None if b is None else b.detach(), B, M, like)
+    with torch.no_grad():
+        f, g = sinkhorn_features_solve(
+            X.detach(), Y.detach(), like, beta.detach(), log_a.contiguous(), log_b.contiguous(), gamma, eps,
+            n_iters, tol, allow_tf32,
+        )  # fmt: skip
+    if not return_value:
+        return f, g
+    # u = f - eps log a, v = g - eps log b: the multipliers of the marginals (0 where the mass is 0)
+    u = torch.where(torch.isfinite(log_a), f - eps * log_a, 0.0)
+    v = torch.where(torch.isfinite(log_b), g - eps * log_b, 0.0)
+    with torch.set_grad_enabled(differentiable):
+        if not differentiable:
+            X, Y, alpha, beta = X.detach(), Y.detach(), like, beta.detach()
+        value = sinkhorn_features_value(X, Y, alpha, beta, f, g, u, v, gamma, eps, allow_tf32)
+        for w, multiplier in ((a, u), (b, v)):
+            if w is not None and differentiable:  # envelope: dW/dw = multiplier, as envelope_value
+                value = value + ((w - w.detach()) * multiplier).sum(-1)
+    return f, g, value
