@@ -22,6 +22,17 @@ TORCH_LIBRARY(s2dc_C, m) {
   m.def(
       "knn_forward(Tensor x, Tensor y, int k, int metric, bool exclude_self, int block_rows=128, "
       "int block_cols=2048) -> (Tensor, Tensor)");
+  // (loss, neighbours, weights): the neighbourhood-consistency loss L_nc (0-dim, the mean over the valid patches of
+  // KL(p_i || q_i) on the k nearest valid teacher neighbours J_i of each valid patch i) of student and teacher
+  // (B, N, D) with mask None or (B, N) bool; for the backward, J_i best first (B, N, k) int64 (-1 for invalid
+  // patches) and the weights q_i - p_i of the same slots (B, N, k). No autograd (see neighborhood_backward).
+  m.def(
+      "neighborhood_forward(Tensor student, Tensor teacher, Tensor? mask, int k, float tau_s, float tau_t) "
+      "-> (Tensor, Tensor, Tensor)");
+  // grad_student (B, N, D) of the loss of neighborhood_forward, from its neighbours and weights and dL/dloss.
+  m.def(
+      "neighborhood_backward(Tensor student, Tensor? mask, Tensor neighbours, Tensor weights, Tensor grad_loss, "
+      "float tau_s) -> Tensor");
 }
 
 namespace {

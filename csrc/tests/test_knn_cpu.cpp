@@ -13,17 +13,12 @@
 #include <vector>
 
 #include "cpu/knn.h"
+#include "tests/check.h"
 
 namespace {
 
-int failures = 0;
-
-void check(bool condition, const std::string& what) {
-  if (!condition) {
-    std::printf("FAIL: %s\n", what.c_str());
-    ++failures;
-  }
-}
+using s2dc_test::check;
+using s2dc_test::failures;
 
 // Scores of an n x m matrix: random, or with many ties (a few distinct values).
 template <typename T>

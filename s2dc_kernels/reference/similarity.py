@@ -101,7 +101,8 @@ def neighborhood_consistency(
     tau_t: float = 0.04,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over valid patches i of KL(p_i || q_i) on the teacher's k nearest valid neighbours J_i of i.
+    """Mean over valid patches i of KL(p_i || q_i) on the teacher's k nearest valid neighbours J_i of i
+    (exact ties of teacher similarity go to the smaller index).
 
     p_i = softmax_{j in J_i} cos(T_i, T_j) / tau_t (teacher detached), q_i = softmax_{j in J_i}
     cos(S_i, S_j) / tau_s; student, teacher (B, N, D) or (N, D), mask (B, N) or (N,) bool (None: all
@@ -112,7 +113,11 @@ def neighborhood_consistency(
     excluded = torch.eye(n, dtype=torch.bool, device=teacher_sim.device)
     if mask is not None:
         excluded = excluded | ~mask.unsqueeze(-2)  # invalid patches are never neighbours
-    teacher_top, neighbours = teacher_sim.masked_fill(excluded, float("-inf")).topk(k, dim=-1)
+    # a stable sort, so exact ties (e.g. identical background patches) go to the smaller index, as in the
+    # fused kernels; torch.topk leaves their order unspecified
+    ranked = teacher_sim.masked_fill(excluded, float("-inf"))
+    teacher_top, neighbours = ranked.sort(dim=-1, descending=True, stable=True)
+    teacher_top, neighbours = teacher_top[..., :k], neighbours[..., :k]
     student_top = cosine_similarity(student).gather(-1, neighbours)
 
     log_p = F.log_softmax(teacher_top / tau_t, dim=-1)

@@ -1,0 +1,18 @@
+// The C++ unit tests' check: print a failed condition and count it; main returns 1 when any failed.
+#pragma once
+
+#include <cstdio>
+#include <string>
+
+namespace s2dc_test {
+
+inline int failures = 0;
+
+inline void check(bool condition, const std::string& what) {
+  if (!condition) {
+    std::printf("FAIL: %s\n", what.c_str());
+    ++failures;
+  }
+}
+
+}  // namespace s2dc_test
