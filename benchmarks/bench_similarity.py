@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import s2dc_kernels
 from s2dc_kernels import reference
-from s2dc_kernels.similarity import KNN_BACKENDS, SUPPORTED_BACKENDS
+from s2dc_kernels.similarity import COSINE_BACKENDS, KNN_BACKENDS, NC_BACKENDS
 
 # (B, N, D, k): patch features against themselves; docs/anchors.md's rows on GPUs.
 FEATURE_SHAPES = {"quick": [(16, 216, 384, 8)], "cpu": [(16, 216, 384, 8), (8, 512, 768, 16)]}
@@ -73,13 +73,14 @@ def faiss_knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_cases(args) -> list[harness.Case]:
     preset, partial = args.preset.name, functools.partial
-    ours = harness.our_backends(SUPPORTED_BACKENDS, args.device)
+    ours_cosine = harness.our_backends(COSINE_BACKENDS, args.device)
     ours_knn = harness.our_backends(KNN_BACKENDS, args.device)
+    ours_neighbourhood = harness.our_backends(NC_BACKENDS, args.device)
     has_faiss = importlib.util.find_spec("faiss") is not None
     cases = []
     for B, N, D, k in FEATURE_SHAPES[preset]:
         shape, inputs = f"{B}x{N}x{D}", partial(features, (B, N, D))
-        providers = {f"s2dc-{b}": partial(s2dc_kernels.cosine_similarity, backend=b) for b in ours}
+        providers = {f"s2dc-{b}": partial(s2dc_kernels.cosine_similarity, backend=b) for b in ours_cosine}
         providers["eager"] = reference.cosine_similarity
         providers["compile"] = harness.compiled(reference.cosine_similarity)
         cases.append(harness.Case("cosine_similarity", shape, "fwd", inputs, providers))
@@ -98,7 +99,8 @@ def make_cases(args) -> list[harness.Case]:
 
     for B, N, D, k in NEIGHBOURHOOD_SHAPES[preset]:
         providers = {
-            f"s2dc-{b}": partial(s2dc_kernels.neighborhood_consistency, k=k, backend=b) for b in ours
+            f"s2dc-{b}": partial(s2dc_kernels.neighborhood_consistency, k=k, backend=b)
+            for b in ours_neighbourhood
         }
         providers["eager"] = partial(reference.neighborhood_consistency, k=k)
         providers["compile"] = partial(harness.compiled(reference.neighborhood_consistency), k=k)

@@ -1,8 +1,11 @@
 """Public similarity ops: cosine similarity, k-nearest neighbours, neighbourhood consistency (L_nc).
 
 Each function checks its inputs, resolves the backend and runs the reference in
-``s2dc_kernels.reference.similarity`` ("torch") or, for knn, the fused kernel of the compiled extension
-("cpp": ``torch.ops.s2dc_C.knn_forward``, score tiles merged into running top-k lists, no N x M matrix).
+``s2dc_kernels.reference.similarity`` ("torch") or a fused kernel: for knn the compiled extension's
+("cpp": ``torch.ops.s2dc_C.knn_forward``, score tiles merged into running top-k lists, no N x M matrix),
+and for cosine_similarity and knn the Triton kernels of ``s2dc_kernels.triton_kernels.similarity``
+("triton": the normalisation fused into the GEMM; k-NN with running top-k lists on chip). The kernels sit
+behind torch.library custom ops with fake kernels (torch.compile traces through them).
 Inputs are (B, N, D) batches of row vectors or single (N, D) problems; outputs keep the rank. Empty
 batches and non-contiguous inputs are fine.
 """
@@ -10,6 +13,7 @@ batches and non-contiguous inputs are fine.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from s2dc_kernels._utils import (
     check_choice,
@@ -24,8 +28,9 @@ from s2dc_kernels._utils import (
 from s2dc_kernels.reference import similarity as reference
 
 METRICS = ("cosine", "dot", "l2")
-SUPPORTED_BACKENDS = ("torch",)  # cosine_similarity, neighborhood_consistency
-KNN_BACKENDS = ("torch", "cpp")
+NC_BACKENDS = ("torch", "cpp", "triton")  # neighborhood_consistency
+COSINE_BACKENDS = ("torch", "triton")
+KNN_BACKENDS = ("torch", "cpp", "triton")
 
 
 def _check_pair(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor | None, torch.device]:
@@ -62,15 +67,68 @@ def cosine_similarity(
         x: (B, N, D) or (N, D) floating tensor.
         y: (B, M, D) or (M, D), same rank, dtype, device and D as x (same B too); None means x.
         temperature: positive divisor.
-        backend: "auto" or "torch" (the only backend of this op).
+        backend: "auto", "torch" (the reference) or "triton" (one fused kernel: inverse row norms from the
+            GEMM's own tiles, scaled in its epilogue, no normalised copies; fp32 products exact unless
+            torch.backends.cuda.matmul.allow_tf32, fp16 / bf16 on tensor cores with fp32 accumulation;
+            Triton backward, see ``s2dc_kernels.triton_kernels.similarity``). "auto" is "triton" on CUDA.
 
     Returns:
         (B, N, M) or (N, M) tensor in x's dtype.
     """
     x, y, device = _check_pair(x, y)
     temperature = check_positive("temperature", temperature)
-    resolve_backend(backend, op="cosine_similarity", device=device, supported=SUPPORTED_BACKENDS)
-    return reference.cosine_similarity(x, y, temperature=temperature)
+    backend = resolve_backend(backend, op="cosine_similarity", device=device, supported=COSINE_BACKENDS)
+    if backend == "torch":
+        return reference.cosine_similarity(x, y, temperature=temperature)
+    batched = x.dim() == 3
+    x3 = x if batched else x.unsqueeze(0)
+    y3 = x3 if y is None else (y if batched else y.unsqueeze(0))
+    out = cosine_similarity_triton(x3, y3, temperature)
+    return out if batched else out.squeeze(0)
+
+
+@torch.library.custom_op("s2dc::cosine_similarity_triton", mutates_args=())
+def cosine_similarity_triton(x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The Triton forward: S (B, N, M) of x (B, N, D), y (B, M, D) (y may be x itself)."""
+    from .triton_kernels import similarity as triton_similarity
+
+    return triton_similarity.cosine_similarity(x, y, temperature)
+
+
+@cosine_similarity_triton.register_fake
+def _(x, y, temperature):
+    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+
+
+@torch.library.custom_op("s2dc::cosine_similarity_triton_backward", mutates_args=())
+def cosine_similarity_triton_backward(
+    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dy) given dL/dS (B, N, M): Triton matmuls with the norm scales fused (no normalised
+    copies), then the normalisation's Jacobian per row."""
+    from .triton_kernels import similarity as triton_similarity
+
+    return tuple(triton_similarity.cosine_similarity_backward(grad, x, y, temperature))
+
+
+@cosine_similarity_triton_backward.register_fake
+def _(grad, x, y, temperature):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+def _cosine_setup_context(ctx, inputs, output):
+    x, y, temperature = inputs
+    ctx.save_for_backward(x, y)
+    ctx.temperature = temperature
+
+
+def _cosine_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    grad_x, grad_y = cosine_similarity_triton_backward(grad, x, y, ctx.temperature)
+    return grad_x, grad_y, None
+
+
+cosine_similarity_triton.register_autograd(_cosine_backward, setup_context=_cosine_setup_context)
 
 
 def knn(
@@ -96,9 +154,12 @@ def knn(
         metric: "cosine", "dot" or "l2".
         exclude_self: never return j = i for query i (for y None, or y with rows paired to x's:
             then y must have N rows).
-        backend: "auto", "torch" (the reference: the (B, N, M) score matrix) or "cpp" (CPU tensors, the
-            compiled extension: memory O(B N k) plus a bounded tile per thread; l2 neighbours are ranked by
-            the GEMM expansion of the distance, so pairs whose distances differ by rounding may swap).
+        backend: "auto", "torch" (the reference: the (B, N, M) score matrix), "cpp" (CPU tensors, the
+            compiled extension: memory O(B N k) plus a bounded tile per thread) or "triton" (score tiles by
+            tl.dot reduced to running top-k lists on chip for k <= 128 in fp16 / bf16 / fp32, memory
+            O(B N k); larger k and fp64: row blocks scored against all of y in a 64 MB scratch and
+            torch.topk). In "cpp" and "triton", l2 neighbours are ranked by the GEMM expansion of the
+            distance, so pairs whose distances differ by rounding may swap; the values are exact.
 
     Returns:
         values (B, N, k) or (N, k) in x's dtype, and int64 indices into y's rows of the same shape.
@@ -118,7 +179,8 @@ def knn(
     backend = resolve_backend(backend, op="knn", device=device, supported=KNN_BACKENDS)
     if backend == "torch":
         return reference.knn(x, y, k=k, metric=metric, exclude_self=exclude_self)
-    return _knn_cpp(x, y, k=k, metric=metric, exclude_self=exclude_self)
+    select = knn_select if backend == "cpp" else knn_select_triton
+    return _knn_fused(select, x, y, k=k, metric=metric, exclude_self=exclude_self)
 
 
 @torch.library.custom_op("s2dc::knn_select", mutates_args=())
@@ -132,25 +194,166 @@ def knn_select(
     return tuple(torch.ops.s2dc_C.knn_forward(x, x if y is None else y, k, metric, exclude_self))
 
 
-@knn_select.register_fake
-def _(x, y, k, metric, exclude_self):
+@torch.library.custom_op("s2dc::knn_select_triton", mutates_args=())
+def knn_select_triton(
+    x: torch.Tensor, y: torch.Tensor | None, k: int, metric: int, exclude_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels: (values, int64 indices), (B, N, k) each, best first; y None searches x itself.
+    No autograd: the differentiable values are recomputed from the chosen pairs by the caller."""
+    from .triton_kernels import similarity as triton_similarity
+
+    return tuple(triton_similarity.knn(x, x if y is None else y, k, metric, exclude_self))
+
+
+def _knn_select_fake(x, y, k, metric, exclude_self):
     return x.new_empty(*x.shape[:2], k), x.new_empty(*x.shape[:2], k, dtype=torch.int64)
 
 
-def _knn_cpp(
-    x: torch.Tensor, y: torch.Tensor | None, *, k: int, metric: str, exclude_self: bool
+knn_select.register_fake(_knn_select_fake)
+knn_select_triton.register_fake(_knn_select_fake)
+
+
+def _knn_fused(
+    select, x: torch.Tensor, y: torch.Tensor | None, *, k: int, metric: str, exclude_self: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """knn on the "cpp" backend: indices (and values) from the fused kernel; differentiable values recomputed
-    from the chosen pairs (reference.knn_values) when x or y requires grad."""
+    """knn on a fused backend ("cpp": knn_select, "triton": knn_select_triton): indices (and values) from the
+    kernel; differentiable values recomputed from the chosen pairs (reference.knn_values) when x or y
+    requires grad."""
     batched = x.dim() == 3
     x3 = (x if batched else x.unsqueeze(0)).detach()
     y3 = None if y is None else (y if batched else y.unsqueeze(0)).detach()
-    values, indices = knn_select(x3, y3, k, METRICS.index(metric), exclude_self)
+    values, indices = select(x3, y3, k, METRICS.index(metric), exclude_self)
     if not batched:
         values, indices = values.squeeze(0), indices.squeeze(0)
     if torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad)):
         values = reference.knn_values(x, y, indices, metric)
     return values, indices
+
+
+# ---------------------------------------------------------------- fused neighbourhood consistency
+# neighborhood_consistency -> neighborhood_consistency_fused -> s2dc::neighborhood_fused (forward: loss,
+# neighbours, weights; autograd registered, its backward s2dc::neighborhood_fused_backward) -> the
+# backend's kernels: torch.ops.s2dc_C.neighborhood_forward / neighborhood_backward for "cpp"
+# (csrc/cpu/neighborhood*.cpp), s2dc_kernels.triton_kernels.neighborhood for "triton". The forward keeps, per
+# patch, its k teacher neighbours and the weights q - p of those slots ((B, N, k) each): all the backward
+# needs besides the student rows, so no N x N matrix is kept.
+NC_FUSED_BACKENDS = ("cpp", "triton")
+
+
+def _nc_kernels(backend: str):
+    """(forward, backward) of a fused backend."""
+    if backend == "triton":
+        from s2dc_kernels.triton_kernels import neighborhood as triton_neighborhood
+
+        return triton_neighborhood.neighborhood_forward, triton_neighborhood.neighborhood_backward
+    if backend == "cpp":
+        extension()  # registers torch.ops.s2dc_C
+        return torch.ops.s2dc_C.neighborhood_forward, torch.ops.s2dc_C.neighborhood_backward
+    raise ValueError(f"backend must be one of {NC_FUSED_BACKENDS}, got {backend!r}")
+
+
+@torch.library.custom_op("s2dc::neighborhood_fused", mutates_args=())
+def neighborhood_fused(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, k: int, tau_s: float, tau_t: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """L_nc (0-dim), neighbours (B, N, k) int64 (best first; -1: invalid patch), weights q - p (B, N, k)."""
+    return tuple(_nc_kernels(backend)[0](student, teacher, mask, k, tau_s, tau_t))
+
+
+@neighborhood_fused.register_fake
+def _(student, teacher, mask, k, tau_s, tau_t, backend):
+    B, N, _ = student.shape
+    return (
+        student.new_empty(()),
+        student.new_empty(B, N, k, dtype=torch.int64),
+        student.new_empty(B, N, k),
+    )
+
+
+@torch.library.custom_op("s2dc::neighborhood_fused_backward", mutates_args=())
+def neighborhood_fused_backward(
+    student: Tensor,
+    mask: Tensor | None,
+    neighbours: Tensor,
+    weights: Tensor,
+    grad_loss: Tensor,
+    tau_s: float,
+    backend: str,
+) -> Tensor:
+    """dL/dstudent (B, N, D) from the forward's neighbours and weights and dL/dloss (0-dim)."""
+    return _nc_kernels(backend)[1](student, mask, neighbours, weights, grad_loss, tau_s)
+
+
+@neighborhood_fused_backward.register_fake
+def _(student, mask, neighbours, weights, grad_loss, tau_s, backend):
+    return torch.empty_like(student)
+
+
+def _nc_setup_context(ctx, inputs, output):
+    student, _, mask, _, tau_s, _, backend = inputs
+    _, neighbours, weights = output
+    ctx.mark_non_differentiable(neighbours, weights)
+    ctx.save_for_backward(student, mask, neighbours, weights)
+    ctx.tau_s, ctx.backend = tau_s, backend
+
+
+def _nc_backward(ctx, grad_loss, *_):
+    student, mask, neighbours, weights = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = neighborhood_fused_backward(
+            student, mask, neighbours, weights, grad_loss.contiguous(), ctx.tau_s, ctx.backend
+        )
+    return grad_student, None, None, None, None, None, None
+
+
+neighborhood_fused.register_autograd(_nc_backward, setup_context=_nc_setup_context)
+
+
+def neighborhood_consistency_fused(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    k: int,
+    tau_s: float,
+    tau_t: float,
+    mask: Tensor | None,
+    backend: str,
+) -> Tensor:
+    """L_nc on a fused backend (semantics of ``s2dc_kernels.reference.similarity.neighborhood_consistency``).
+
+    For each problem b and valid patch i: J_i = the k valid teacher patches j != i of largest cos(T_i, T_j);
+    p_i = softmax_{J_i} cos(T_i, T_j) / tau_t (teacher detached), q_i = softmax_{J_i} cos(S_i, S_j) / tau_s;
+    the loss is the mean of KL(p_i || q_i) over the valid patches of all problems (0 when there is none).
+    Ties of teacher similarity take the smaller index.
+
+    Args:
+        student: (B, N, D) floating tensor (checked by the caller); receives the gradient. float16 / bfloat16
+            are computed in float32 (the loss is returned in the input dtype).
+        teacher: (B, N, D), same dtype and device; no gradient.
+        k: neighbours per patch, 1 <= k <= (fewest valid patches of a problem) - 1 (a patch with fewer valid
+            candidates gives NaN, as the reference does).
+        tau_s, tau_t: positive temperatures.
+        mask: None or (B, N) bool, True = valid patch.
+        backend: "cpp" (CPU tensors, float32 / float64) or "triton" (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Returns:
+        0-dim tensor in student's dtype.
+    """
+    if backend not in NC_FUSED_BACKENDS:
+        raise ValueError(f"backend must be one of {NC_FUSED_BACKENDS}, got {backend!r}")
+    dtype = student.dtype
+    compute_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    loss, _, _ = neighborhood_fused(
+        student.to(compute_dtype),
+        teacher.detach().to(compute_dtype),
+        mask,
+        int(k),
+        float(tau_s),
+        float(tau_t),
+        backend,
+    )
+    return loss.to(dtype)
 
 
 def neighborhood_consistency(
@@ -180,7 +383,10 @@ def neighborhood_consistency(
         k: neighbours per patch, 1 <= k <= (fewest valid patches in a problem) - 1.
         tau_s, tau_t: positive student and teacher temperatures.
         mask: None (all patches valid) or a bool tensor of shape (B, N) / (N,), True = matched patch.
-        backend: "auto" or "torch" (the only backend of this op).
+        backend: "auto", "torch" (the reference), "cpp" (CPU tensors: fused C++ forward and backward,
+            multi-threaded, at most one N x N tile per thread) or "triton" (one program per problem and
+            16-row block; N <= 512). The fused backends break exact ties of teacher similarity towards the
+            smaller index; float16 / bfloat16 are computed in float32.
 
     Returns:
         0-dim tensor (the loss).
@@ -214,5 +420,12 @@ def neighborhood_consistency(
         raise ValueError(
             f"k must be at most the fewest valid patches in a problem minus one ({fewest_valid} - 1), got {k}"
         )
-    resolve_backend(backend, op="neighborhood_consistency", device=device, supported=SUPPORTED_BACKENDS)
-    return reference.neighborhood_consistency(student, teacher, k=k, tau_s=tau_s, tau_t=tau_t, mask=mask)
+    backend = resolve_backend(backend, op="neighborhood_consistency", device=device, supported=NC_BACKENDS)
+    if backend == "torch":
+        return reference.neighborhood_consistency(student, teacher, k=k, tau_s=tau_s, tau_t=tau_t, mask=mask)
+    if student.dim() == 2:
+        student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
+    return neighborhood_consistency_fused(
+        student, teacher, k=k, tau_s=tau_s, tau_t=tau_t, mask=mask, backend=backend
+    )

@@ -1,8 +1,10 @@
 """Similarity ops (cosine similarity, k-NN, neighbourhood consistency) against independent float64 formulas.
 
 The public functions and the pure-PyTorch references are both checked against NumPy formulas and
-explicit loops (k-NN: the reference and the public knn on each of its backends, "torch" and "cpp");
-gradients by finite differences (gradcheck); every bad input for the error it raises.
+explicit loops (k-NN: the reference and the public knn on each of its backends, "torch", "cpp" and
+"triton"); gradients by finite differences (gradcheck); every bad input for the error it raises. The
+Triton backend (CPU tensors under the interpreter, CUDA tensors on a GPU) has its own section: odd shapes
+that cut its tiles, both k-NN strategies, gradients against the reference, custom ops under torch.compile.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import backend_params, require_backend
 from torch.testing import assert_close
 
 import s2dc_kernels.reference.similarity as reference
@@ -117,13 +119,24 @@ def test_cosine_similarity_tiny_rows_are_normalised(impl):
 
 
 # ---------------------------------------------------------------- k-NN
+def knn_implementation(name: str):
+    """reference.knn, or the public knn on one backend on CPU tensors (skipped where it cannot run)."""
+    if name == "reference":
+        return reference.knn
+    require_backend(name, "cpu")
+    return functools.partial(public.knn, backend=name)
+
+
 @pytest.fixture(params=["reference", *public.KNN_BACKENDS])
 def knn(request):
-    """reference.knn, or the public knn on one backend (skipped where that backend cannot run)."""
-    if request.param == "reference":
-        return reference.knn
-    require_backend(request.param, "cpu")
-    return functools.partial(public.knn, backend=request.param)
+    return knn_implementation(request.param)
+
+
+@pytest.fixture(params=["reference", *(b for b in public.KNN_BACKENDS if b != "triton")])
+def knn_compiled(request):
+    """Like knn without the interpreted Triton backend: for gradcheck's hundreds of calls (the Triton
+    gradients are compared with the reference's in test_triton_knn_gradients_match_reference)."""
+    return knn_implementation(request.param)
 
 
 def check_knn(values, indices, scores, k, metric, exclude_self, tol):
@@ -197,7 +210,8 @@ def test_cosine_similarity_gradcheck(impl, batched):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("batched", [True, False])
-def test_knn_gradcheck(knn, metric, batched):
+def test_knn_gradcheck(knn_compiled, metric, batched):
+    knn = knn_compiled
     lead = (2,) if batched else ()
     x = randn(*lead, 4, 3, seed=9).requires_grad_()
     y = randn(*lead, 6, 3, seed=10).requires_grad_()
@@ -252,12 +266,13 @@ def test_knn_values_differentiable_only_when_asked(backend):
         assert public.knn(x, k=2, backend=backend)[0].grad_fn is None
 
 
-def test_knn_auto_backend_on_cpu_is_cpp_when_built():
+def test_auto_backend_on_cpu_is_cpp_when_built():
     require_backend("cpp", "cpu")
     cpu = torch.device("cpu")
     assert resolve_backend("auto", op="knn", device=cpu, supported=public.KNN_BACKENDS) == "cpp"
-    for op in ("cosine_similarity", "neighborhood_consistency"):  # torch-only ops stay on torch
-        assert resolve_backend("auto", op=op, device=cpu, supported=public.SUPPORTED_BACKENDS) == "torch"
+    assert resolve_backend("auto", op="nc", device=cpu, supported=public.NC_BACKENDS) == "cpp"
+    cosine = resolve_backend("auto", op="cosine_similarity", device=cpu, supported=public.COSINE_BACKENDS)
+    assert cosine == "torch"  # no cpp kernel
 
 
 # Tile sizes (block_rows, block_cols) of the cpp kernel that cut odd shapes everywhere: tiles of one row or
@@ -301,6 +316,216 @@ def test_knn_cpp_large_search_in_tiles(metric):
     truth, _ = reference.knn(x[0].double(), k=8, metric=metric, exclude_self=True)
     assert_close(values.double(), truth, atol=1e-5, rtol=1e-5)
     assert (indices != torch.arange(3000)[:, None]).all()
+
+
+# ---------------------------------------------------------------- Triton backend (interpreter on CPU, GPU)
+TRITON = backend_params(("triton",))
+# Pairs that also cut the Triton tiles: 70 rows and 67 columns span two 64-blocks, D = 40 two 32-slices.
+TRITON_PAIR_SHAPES = [*PAIR_SHAPES, ((2, 70, 40), (2, 67, 40))]
+
+
+def on(device: str, *shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return randn(*shape, seed=seed, dtype=dtype).to(device)
+
+
+def grad_tolerance(expected: torch.Tensor, dtype: torch.dtype) -> dict:
+    """TOLERANCES relative to the largest entry of a gradient (sums of many terms of both signs)."""
+    tol = TOLERANCES[dtype]
+    return {"rtol": tol["rtol"], "atol": tol["atol"] * max(1.0, float(expected.abs().max()))}
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+@pytest.mark.parametrize("shapes", TRITON_PAIR_SHAPES)
+@pytest.mark.parametrize("self_similarity", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_cosine_similarity_forward_and_gradients(backend, device, shapes, self_similarity, dtype):
+    require_backend(backend, device)
+    x = on(device, *shapes[0], seed=40, dtype=dtype).requires_grad_()
+    y = None if self_similarity else on(device, *shapes[1], seed=41, dtype=dtype).requires_grad_()
+    out = public.cosine_similarity(x, y, temperature=0.07, backend=backend)
+    assert out.dtype == dtype and out.device.type == device
+    assert_close(
+        out.double().cpu(),
+        np_scores(x.cpu(), (x if y is None else y).cpu(), "cosine") / 0.07,
+        **TOLERANCES[dtype],
+    )
+    grad = on(device, *out.shape, seed=42, dtype=dtype)
+    inputs = (x,) if y is None else (x, y)
+    grads = torch.autograd.grad(out, inputs, grad)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    expected = reference.cosine_similarity(exact[0], None if y is None else exact[1], temperature=0.07)
+    for got, want in zip(grads, torch.autograd.grad(expected, exact, grad.double()), strict=True):
+        assert got.dtype == dtype
+        assert_close(got.double(), want, **grad_tolerance(want, dtype))
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+def test_triton_cosine_similarity_gradcheck(backend, device):
+    """Finite differences, unbatched (batches: test_triton_cosine_similarity_forward_and_gradients)."""
+    require_backend(backend, device)
+    x = on(device, 4, 3, seed=43, dtype=torch.float64).requires_grad_()
+    y = on(device, 5, 3, seed=44, dtype=torch.float64).requires_grad_()
+    cos = functools.partial(public.cosine_similarity, temperature=0.5, backend=backend)
+    assert torch.autograd.gradcheck(lambda a, b: cos(a, b), (x, y))
+    assert torch.autograd.gradcheck(lambda a: cos(a), (x,))
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+def test_triton_cosine_similarity_zero_and_tiny_rows(backend, device):
+    require_backend(backend, device)
+    x = on(device, 2, 4, 5, seed=45, dtype=torch.float64)
+    x[1, 2] = 0.0
+    x[0, 1] *= 1e-9  # far above the 1e-12 clamp: normalised like any row
+    out = public.cosine_similarity(x, backend=backend)
+    assert (out[1, 2] == 0).all() and (out[1, :, 2] == 0).all()
+    assert_close(out, reference.cosine_similarity(x), **TOLERANCES[torch.float64])
+    x.requires_grad_()
+    grad = torch.autograd.grad(public.cosine_similarity(x, backend=backend).sum(), x)[0]
+    assert_close(grad, torch.autograd.grad(reference.cosine_similarity(x).sum(), x)[0], rtol=1e-9, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_triton_cosine_similarity_precision_on_gpu(dtype, tf32, monkeypatch):
+    """fp32 products are exact unless torch allows tf32 (10-bit mantissas: |error| <~ 1e-3 relative to the
+    products, so 5e-3 on unit cosines); fp16 / bf16 inputs (rounded outputs, 2^-8 relative for bf16)."""
+    require_backend("triton", "cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    x, y = on("cuda", 8, 300, 768, seed=46), on("cuda", 8, 259, 768, seed=47)
+    expected = np_scores(x.cpu(), y.cpu(), "cosine").cuda()
+    out = public.cosine_similarity(x.to(dtype), y.to(dtype), backend="triton")
+    assert out.dtype == dtype
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 5e-3 if tf32 else 1e-5)
+    assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def check_triton_knn(x, y, k, metric, exclude_self):
+    values, indices = public.knn(x, y, k=k, metric=metric, exclude_self=exclude_self, backend="triton")
+    assert values.dtype == x.dtype and values.device == x.device
+    scores = np_scores(x.cpu(), (x if y is None else y).cpu(), metric)
+    check_knn(values.cpu(), indices.cpu(), scores, k, metric, exclude_self, TOLERANCES[x.dtype])
+
+
+@pytest.fixture(params=["on-chip", "chunked"])
+def knn_strategy(request, monkeypatch):
+    """The Triton k-NN strategy: running top-k lists on chip, or row blocks scored into a scratch (forced
+    by an on-chip limit below every k, with a scratch of 40 rows of 300 columns: several chunks)."""
+    from s2dc_kernels.triton_kernels import similarity as triton_similarity
+
+    if request.param == "chunked":
+        monkeypatch.setattr(triton_similarity, "ON_CHIP_MAX_K", 1)
+        monkeypatch.setattr(triton_similarity, "CHUNK_SCRATCH_BYTES", 40 * 300 * 4)
+    return request.param
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("search", ["pair", "self", "self-excluded"])
+def test_triton_knn_across_tiles(backend, device, metric, search, knn_strategy):
+    """Several row blocks (70 queries) and column tiles (300 candidates, duplicated rows: ties across
+    tiles), batched; k = 16 and k = 5."""
+    require_backend(backend, device)
+    x = on(device, 2, 70, 9, seed=48)
+    y = on(device, 2, 300, 9, seed=49)
+    y[:, 250:] = y[:, :50]  # ties between the first and the last tile
+    if search == "pair":
+        check_triton_knn(x, y, 16, metric, False)
+    else:
+        check_triton_knn(y[:, :150], None, 5, metric, search == "self-excluded")
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_knn_large_k(backend, device, metric):
+    """k = M - 1 = 69 (padded to 128: the largest on-chip list) and k = M = 150 > 128 (chunked strategy)."""
+    require_backend(backend, device)
+    x = on(device, 70, 6, seed=50)
+    check_triton_knn(x, None, 69, metric, True)
+    check_triton_knn(on(device, 1, 33, 6, seed=51), on(device, 1, 150, 6, seed=52), 150, metric, False)
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("batched", [True, False])
+def test_triton_knn_gradients_match_reference(backend, device, metric, batched):
+    require_backend(backend, device)
+    lead = (2,) if batched else ()
+    x = on(device, *lead, 13, 5, seed=53, dtype=torch.float64).requires_grad_()
+    y = on(device, *lead, 11, 5, seed=54, dtype=torch.float64).requires_grad_()
+    for exclude_self, other in [(False, y), (True, None)]:
+        values, indices = public.knn(x, other, k=4, metric=metric, exclude_self=exclude_self, backend=backend)
+        expected, expected_indices = reference.knn(x, other, k=4, metric=metric, exclude_self=exclude_self)
+        assert torch.equal(indices, expected_indices)  # no ties in random float64 rows
+        grad = torch.randn_like(values)
+        inputs = (x, y) if other is not None else (x,)
+        got = torch.autograd.grad(values, inputs, grad)
+        for g, want in zip(got, torch.autograd.grad(expected, inputs, grad), strict=True):
+            assert_close(g, want, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+def test_triton_empty_and_strided_inputs(backend, device):
+    require_backend(backend, device)
+    x = on(device, 0, 4, 3, seed=55).requires_grad_()
+    assert public.cosine_similarity(x, on(device, 0, 5, 3, seed=56), backend=backend).shape == (0, 4, 5)
+    values, indices = public.knn(x, k=3, backend=backend)
+    assert values.shape == indices.shape == (0, 4, 3)
+    strided = on(device, 3, 13, 7, seed=57).transpose(1, 2)  # (3, 7, 13), no unit stride on D
+    contiguous = strided.contiguous()
+    assert_close(
+        public.cosine_similarity(strided, backend=backend),
+        public.cosine_similarity(contiguous, backend=backend),
+    )
+    for metric in METRICS:
+        assert_close(
+            public.knn(strided, k=4, metric=metric, backend=backend),
+            public.knn(contiguous, k=4, metric=metric, backend=backend),
+        )
+
+
+@pytest.mark.parametrize("backend, device", TRITON)
+def test_triton_ops_are_custom_ops_that_compile(backend, device):
+    require_backend(backend, device)
+    from s2dc_kernels.similarity import cosine_similarity_triton, knn_select_triton
+
+    x = on(device, 2, 9, 5, seed=58, dtype=torch.float64).requires_grad_()
+    y = on(device, 2, 7, 5, seed=59, dtype=torch.float64)
+    torch.library.opcheck(cosine_similarity_triton, (x, y.requires_grad_(), 0.5))
+    torch.library.opcheck(knn_select_triton, (x.detach(), y.detach(), 3, 0, False))
+    torch.library.opcheck(knn_select_triton, (x.detach(), None, 3, 2, True))
+
+    def loss(x):
+        sim = public.cosine_similarity(x, y, temperature=0.5, backend=backend).square().sum()
+        sim = sim + public.cosine_similarity(x, backend=backend).square().sum()  # y is x: two inputs alias
+        return sim + public.knn(x, k=3, metric="l2", exclude_self=True, backend=backend)[0].sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), loss(x))
+    assert_close(torch.autograd.grad(compiled(x), x)[0], torch.autograd.grad(loss(x), x)[0])
+
+
+@pytest.mark.cuda
+def test_triton_is_auto_on_cuda_and_knn_never_builds_the_matrix():
+    """ "auto" takes Triton on CUDA tensors; a 16384 x 16384 search (1 GiB of fp32 scores) allocates less
+    than 64 MiB besides its inputs, and its k = 32 lists match the reference's (fp32)."""
+    require_backend("triton", "cuda")
+    cuda = torch.device("cuda")
+    for op, supported in [("cosine_similarity", public.COSINE_BACKENDS), ("knn", public.KNN_BACKENDS)]:
+        assert resolve_backend("auto", op=op, device=cuda, supported=supported) == "triton"
+    x = on("cuda", 1, 16384, 128, seed=60)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    values, indices = public.knn(x, k=32, exclude_self=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 64 * 2**20
+    truth = reference.knn(x[:, :2000].double(), x.double(), k=33)[0][..., 1:]  # the first 2000 queries
+    assert_close(values[:, :2000].double(), truth, **TOLERANCES[torch.float32])
+    for metric in ("dot", "l2"):
+        values = public.knn(x[:, :4099], k=1024, metric=metric)[0]  # chunked strategy
+        truth = reference.knn(x[:, :4099].double(), k=1024, metric=metric)[0]
+        assert_close(values.double(), truth, **TOLERANCES[torch.float32])
 
 
 # ---------------------------------------------------------------- neighbourhood consistency
@@ -497,9 +722,9 @@ BAD_INPUTS = {
     "nc mask list": (lambda: public.neighborhood_consistency(S, T, k=2, mask=[True]), TypeError, "mask"),
     # backends
     "cos backend cpp": (lambda: public.cosine_similarity(X, backend="cpp"), ValueError, "cosine_similarity"),
-    "knn backend triton": (lambda: public.knn(X, k=1, backend="triton"), ValueError, "not implement knn"),
-    "nc backend cpp": (
-        lambda: public.neighborhood_consistency(S, T, k=2, backend="cpp"),
+    "knn backend cuda": (lambda: public.knn(X, k=1, backend="cuda"), ValueError, "not implement knn"),
+    "nc backend cuda": (
+        lambda: public.neighborhood_consistency(S, T, k=2, backend="cuda"),
         ValueError,
         "does not implement neighborhood_consistency",
     ),
