@@ -184,3 +184,22 @@ def test_half_precision_computed_in_float32_cpp():
         student.bfloat16().float(), teacher.bfloat16().float(), k=4, tau_s=TAU_S, tau_t=TAU_T
     )
     torch.testing.assert_close(loss.float(), expected, rtol=1e-2, atol=0)
+
+
+def test_reference_breaks_exact_teacher_ties_towards_the_smaller_index():
+    """Identical teacher rows tie exactly; the reference then takes the smaller indices, like the kernels."""
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 23, 6, dtype=torch.float64)
+    teacher[0, 3:17] = teacher[0, 2]  # patches 2..16 identical: every anchor sees 15-way ties
+    student = torch.randn(1, 23, 6, dtype=torch.float64)
+    loss = reference(student, teacher, k=4, tau_s=TAU_S, tau_t=TAU_T)
+    # the same loss with the neighbours spelled out: the 4 best teacher similarities, ties by smaller index
+    unit_t, unit_s = (torch.nn.functional.normalize(t[0], dim=-1) for t in (teacher, student))
+    sim_t, sim_s = unit_t @ unit_t.T, unit_s @ unit_s.T
+    total = 0.0
+    for i in range(23):
+        order = sorted((j for j in range(23) if j != i), key=lambda j: (-sim_t[i, j].item(), j))[:4]
+        log_p = torch.log_softmax(sim_t[i, order] / TAU_T, 0)
+        log_q = torch.log_softmax(sim_s[i, order] / TAU_S, 0)
+        total += (log_p.exp() * (log_p - log_q)).sum()
+    torch.testing.assert_close(loss, total / 23)

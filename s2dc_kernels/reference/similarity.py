@@ -113,11 +113,17 @@ def neighborhood_consistency(
     excluded = torch.eye(n, dtype=torch.bool, device=teacher_sim.device)
     if mask is not None:
         excluded = excluded | ~mask.unsqueeze(-2)  # invalid patches are never neighbours
-    # a stable sort, so exact ties (e.g. identical background patches) go to the smaller index, as in the
-    # fused kernels; torch.topk leaves their order unspecified
     ranked = teacher_sim.masked_fill(excluded, float("-inf"))
-    teacher_top, neighbours = ranked.sort(dim=-1, descending=True, stable=True)
-    teacher_top, neighbours = teacher_top[..., :k], neighbours[..., :k]
+    top_values, top_index = ranked.topk(min(k + 1, n), dim=-1)
+    teacher_top, neighbours = top_values[..., :k], top_index[..., :k]
+    # Exact ties at the k-th place (e.g. identical background patches) go to the smaller index, as in the
+    # fused kernels (torch.topk leaves their order unspecified): such rows take a stable sort's first k.
+    if k < n:
+        boundary_tie = top_values[..., k - 1] == top_values[..., k]
+        if boundary_tie.any():
+            by_index = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+            neighbours = torch.where(boundary_tie[..., None], by_index, neighbours)
+            teacher_top = ranked.gather(-1, neighbours)
     student_top = cosine_similarity(student).gather(-1, neighbours)
 
     log_p = F.log_softmax(teacher_top / tau_t, dim=-1)
