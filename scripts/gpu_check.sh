@@ -63,7 +63,10 @@ step backends 60 "$out/env.txt" python -c \
     "import s2dc_kernels; print('available backends:', s2dc_kernels.available_backends())"
 tail -n 1 "$out/env.txt"
 
-step tests 150 "$out/tests.log" env S2DC_REQUIRE_BACKENDS=$required python -m pytest tests -m cuda -q -ra
+# Triton compiles each kernel variant the tests touch: spread them over processes when pytest-xdist is there.
+parallel=()
+python -c "import xdist" 2>/dev/null && parallel=(-n 8)
+step tests 240 "$out/tests.log" env S2DC_REQUIRE_BACKENDS=$required python -m pytest tests -m cuda -q -ra "${parallel[@]}"
 tail -n 3 "$out/tests.log"
 
 # One process per benchmark script (a kernel fault loses one script, not all), each with the time left

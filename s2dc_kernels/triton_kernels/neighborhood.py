@@ -29,20 +29,14 @@ Python floats as fp32, which would round them for float64 inputs); dL/dKL reache
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import float_bits, float_from_bits
+
 MAX_N = 512  # rows of a problem held by one program: BLOCK_I x next_pow2(N) tiles in registers
 NORM_EPS = 1e-12  # F.normalize's clamp of the norm
-
-
-@triton.jit
-def _float_from_bits(bits):
-    """The float64 whose IEEE-754 bit pattern is ``bits`` (an int64 scalar)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -139,8 +133,8 @@ def neighborhood_forward_kernel(
     selected = slot_of >= 0
 
     # Softmaxes over J_i in the log domain, KL and the weights q - p.
-    inv_tau_s = _float_from_bits(inv_tau_s_bits).to(dtype)
-    inv_tau_t = _float_from_bits(inv_tau_t_bits).to(dtype)
+    inv_tau_s = float_from_bits(inv_tau_s_bits).to(dtype)
+    inv_tau_t = float_from_bits(inv_tau_t_bits).to(dtype)
     t_logits = tl.where(selected, t_cos * inv_tau_t, float("-inf"))
     s_logits = tl.where(selected, s_cos * inv_tau_s, float("-inf"))
     t_max = tl.max(t_logits, 1)
@@ -215,11 +209,6 @@ def neighborhood_backward_kernel(
         tl.store(grad_ptr + b * N * D + rows[:, None] * D + dd[None, :], grad, mask=i_mask)
 
 
-def _float_bits(x: float) -> int:
-    """The IEEE-754 bit pattern of the Python float ``x`` as a signed int64."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
 def _blocks(N: int, D: int) -> tuple[int, int, int, int]:
     """(BLOCK_I, BLOCK_N, BLOCK_D, num_warps) for problems of N rows of dimension D."""
     block_n = max(16, triton.next_power_of_2(N))
@@ -283,8 +272,8 @@ def neighborhood_forward(
         N,
         D,
         k,
-        _float_bits(1.0 / tau_s),
-        _float_bits(1.0 / tau_t),
+        float_bits(1.0 / tau_s),
+        float_bits(1.0 / tau_t),
         HAS_MASK=mask is not None,
         BLOCK_I=block_i,
         BLOCK_N=block_n,

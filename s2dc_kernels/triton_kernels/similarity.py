@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sinkhorn import _float_bits, _float_from_bits
+from ._common import float_bits, float_from_bits
 
 METRIC_COSINE, METRIC_DOT, METRIC_L2 = 0, 1, 2  # the order of s2dc_kernels.similarity.METRICS
 NORM_EPS = 1e-12  # F.normalize's clamp of the row norms
@@ -129,7 +129,7 @@ def similarity_kernel(
         stride_xn, stride_xd, stride_yn, stride_yd,
         METRIC == 2, ACC_DTYPE, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D,
     )  # fmt: skip
-    score = _metric_epilogue(acc, x_sq, y_sq, _float_from_bits(scale_bits).to(ACC_DTYPE), METRIC)
+    score = _metric_epilogue(acc, x_sq, y_sq, float_from_bits(scale_bits).to(ACC_DTYPE), METRIC)
     if EXCLUDE_SELF:
         score = tl.where(rows[:, None] + row_offset == cols[None, :], float("-inf"), score)
     out = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
@@ -341,7 +341,7 @@ def _launch_scores(
     block_n, block_m, block_d, num_warps = _tiles(x.dtype)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), B)
     similarity_kernel[grid](
-        x, y, x if centre is None else centre, out, N, M, D, _float_bits(scale), row_offset,
+        x, y, x if centre is None else centre, out, N, M, D, float_bits(scale), row_offset,
         *x.stride(), *y.stride(), *out.stride(),
         METRIC=metric, EXCLUDE_SELF=exclude_self, ACC_DTYPE=_acc_dtype(x.dtype),
         PRECISION=_precision(x.dtype),

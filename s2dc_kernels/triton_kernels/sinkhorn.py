@@ -25,22 +25,14 @@ as fp32, which would round eps to about 1e-8 relative and spoil float64 solves.
 
 from __future__ import annotations
 
-import collections
 import math
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e)
-
-
-@triton.jit
-def _float_from_bits(bits):
-    """The float64 whose IEEE-754 bit pattern is ``bits`` (an int32 or int64 scalar)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+from ._common import LOG2E, float_bits, float_from_bits, launch_graphs
 
 
 @triton.jit
@@ -158,10 +150,10 @@ def sinkhorn_log_forward_kernel(
     ceil(M / BLOCK_M) times, f and g written once; no N x M temporary.
     """
     dtype = C_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
     inv_scale = 1.0 / scale  # eps * ln(2): turns a base-2 LSE back into cost units
-    tol = _float_from_bits(tol_bits).to(dtype)
+    tol = float_from_bits(tol_bits).to(dtype)
 
     problem = tl.program_id(0).to(tl.int64)
     C_ptr += problem * N * M
@@ -275,8 +267,8 @@ def sinkhorn_log_backward_kernel(
     written ceil(N / BLOCK_N) times; no N x M temporary beyond grad_C itself.
     """
     dtype = C_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
 
     problem = tl.program_id(0).to(tl.int64)
     C_ptr += problem * N * M
@@ -390,8 +382,8 @@ def sinkhorn_split_row_kernel(
     -> err_part[b, block]; a stopped problem is skipped. Reads BLOCK_N x M of C and g^{t-1} once.
     """
     dtype = C_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
     problem = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     running = True
@@ -439,8 +431,8 @@ def sinkhorn_split_col_kernel(
     (every block of the problem sees the same sum, so they agree). Reads N x BLOCK_M of C and f^t once.
     """
     dtype = C_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
     problem = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     running = True
@@ -451,7 +443,7 @@ def sinkhorn_split_col_kernel(
             tl.load(err_part_ptr + problem * n_row_blocks + parts, mask=parts < n_row_blocks, other=0.0),
             axis=0,
         )
-        stop_now = running & (t > 1) & (err < _float_from_bits(tol_bits).to(dtype))
+        stop_now = running & (t > 1) & (err < float_from_bits(tol_bits).to(dtype))
         tl.store(stopped_ptr + problem, 1, mask=stop_now)
         running = running != stop_now  # stop_now implies running: this clears it
     if running:
@@ -494,8 +486,8 @@ def sinkhorn_split_backward_row_kernel(
     sinkhorn_log_backward_kernel). Reads BLOCK_N x M of C once.
     """
     dtype = C_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
     problem = tl.program_id(0).to(tl.int64)
     t = tl.load(n_done_ptr + problem).to(tl.int32) - step
     if t >= 1:
@@ -552,8 +544,8 @@ def sinkhorn_split_backward_col_kernel(
     Reads C and grad_C over N x BLOCK_M once, writes grad_C once.
     """
     dtype = C_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
     problem = tl.program_id(0).to(tl.int64)
     t = tl.load(n_done_ptr + problem).to(tl.int32) - step
     if t >= 1:
@@ -609,13 +601,13 @@ def sinkhorn_knopp_col_kernel(
     L_ptr, f_ptr, g_ptr, B, K, log2_n_bits, scale_bits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
 ):
     """g_k for the prototypes of block pid(0): reads B x BLOCK_M logits and f once."""
-    scale = _float_from_bits(scale_bits).to(tl.float32)
+    scale = float_from_bits(scale_bits).to(tl.float32)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask = cols < K
     lse2 = _col_block_lse2(L_ptr, f_ptr, cols, col_mask, B, K, scale, BLOCK_N, BLOCK_M, NEGATE=True)
     tl.store(
         g_ptr + cols,
-        -(_float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
+        -(float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
         mask=col_mask,
     )
 
@@ -625,13 +617,13 @@ def sinkhorn_knopp_row_kernel(
     L_ptr, f_ptr, g_ptr, B, K, log2_n_bits, scale_bits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
 ):
     """f_i for the samples of block pid(0): reads BLOCK_N x K logits and g once."""
-    scale = _float_from_bits(scale_bits).to(tl.float32)
+    scale = float_from_bits(scale_bits).to(tl.float32)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < B
     lse2 = _row_block_lse2(L_ptr, g_ptr, True, rows, row_mask, K, scale, BLOCK_N, BLOCK_M, NEGATE=True)
     tl.store(
         f_ptr + rows,
-        -(_float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
+        -(float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
         mask=row_mask,
     )
 
@@ -641,7 +633,7 @@ def sinkhorn_knopp_plan_kernel(
     L_ptr, f_ptr, g_ptr, Q_ptr, B, K, log2_b_bits, scale_bits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
 ):
     """Q_ik = exp2((f_i + g_k + L_ik) * scale + log2 B) on a BLOCK_N x BLOCK_M tile."""
-    scale = _float_from_bits(scale_bits).to(tl.float32)
+    scale = float_from_bits(scale_bits).to(tl.float32)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask = (rows < B)[:, None] & (cols < K)[None, :]
@@ -649,13 +641,8 @@ def sinkhorn_knopp_plan_kernel(
     logits = tl.load(L_ptr + offsets, mask=mask, other=0.0)
     f = tl.load(f_ptr + rows, mask=rows < B, other=0.0)
     g = tl.load(g_ptr + cols, mask=cols < K, other=0.0)
-    x = (f[:, None] + g[None, :] + logits) * scale + _float_from_bits(log2_b_bits).to(tl.float32)
+    x = (f[:, None] + g[None, :] + logits) * scale + float_from_bits(log2_b_bits).to(tl.float32)
     tl.store(Q_ptr + offsets, tl.exp2(x), mask=mask)
-
-
-def _float_bits(x: float) -> int:
-    """The IEEE-754 binary64 bit pattern of ``x`` as a signed int64 (see the module docstring)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _tile_config(
@@ -692,61 +679,6 @@ def use_split_regime(B: int, N: int, M: int) -> bool:
 
 
 GRAPH_MAX_ENTRIES = 2**22  # B * N * M up to which split-regime launch sequences are replayed as CUDA graphs
-_GRAPH_CACHE_SIZE = 16
-
-
-class _LaunchGraphs:
-    """CUDA graphs of split-regime launch sequences, one per (kind, shapes, dtypes, scalars), least recently
-    used dropped past _GRAPH_CACHE_SIZE.
-
-    2 * n_iters launches from Python cost ~10-20 us each on the host while each runs in a few us on the
-    GPU: a graph replays them all in one call. A graph owns static copies of its inputs and outputs: each
-    call copies the inputs in (one pass over C, B * N * M <= GRAPH_MAX_ENTRIES) and clones the outputs.
-    The first call of a key launches directly (it also compiles the kernels), the second captures, later
-    ones replay. Off under stream capture by the caller and with S2DC_CUDA_GRAPHS=0.
-    """
-
-    def __init__(self) -> None:
-        self.graphs: collections.OrderedDict = collections.OrderedDict()
-        self.seen: set = set()
-
-    def run(self, key: tuple, launch, inputs: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, ...]):
-        """launch(*inputs, *outputs) fills ``outputs`` in place (and leaves ``inputs`` unchanged)."""
-        device = inputs[0].device
-        if (
-            device.type != "cuda"
-            or os.environ.get("S2DC_CUDA_GRAPHS", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()
-        ):
-            launch(*inputs, *outputs)
-            return
-        key = (*key, device, *((t.shape, t.dtype) for t in (*inputs, *outputs)))
-        if key not in self.graphs:
-            if key not in self.seen:
-                self.seen.add(key)
-                launch(*inputs, *outputs)
-                return
-            static_in = tuple(t.clone() for t in inputs)
-            static_out = tuple(torch.empty_like(t) for t in outputs)
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                launch(*static_in, *static_out)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graphs[key] = (graph, static_in, static_out)
-            if len(self.graphs) > _GRAPH_CACHE_SIZE:
-                self.graphs.popitem(last=False)
-        graph, static_in, static_out = self.graphs[key]
-        self.graphs.move_to_end(key)
-        for static, t in zip(static_in, inputs, strict=True):
-            static.copy_(t)
-        graph.replay()
-        for t, static in zip(outputs, static_out, strict=True):
-            t.copy_(static)
-
-
-_launch_graphs = _LaunchGraphs()
 
 
 def _split_blocks(N: int, M: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -767,7 +699,7 @@ def _split_forward(C, log_a, log_b, eps, n_iters, tol, f_hist, g_hist, n_done) -
     row_n, row_m, col_n, col_m = _split_blocks(N, M, C.dtype)
     n_row_blocks, n_col_blocks = triton.cdiv(N, row_n), triton.cdiv(M, col_m)
     check_tol = tol > 0
-    bits = _float_bits(eps), _float_bits(LOG2E / eps)
+    bits = float_bits(eps), float_bits(LOG2E / eps)
 
     def launch(C, log_a, log_b, f_hist, g_hist, n_done):
         err_part = C.new_zeros(B, n_row_blocks)
@@ -780,15 +712,15 @@ def _split_forward(C, log_a, log_b, eps, n_iters, tol, f_hist, g_hist, n_done) -
             )  # fmt: skip
             sinkhorn_split_col_kernel[(B, n_col_blocks)](
                 C, log_b, f_hist, g_hist, err_part, stopped, n_done, N, M, n_iters, t, *bits,
-                _float_bits(tol), n_row_blocks, CHECK_TOL=check_tol,
+                float_bits(tol), n_row_blocks, CHECK_TOL=check_tol,
                 ERR_BLOCKS=triton.next_power_of_2(n_row_blocks), BLOCK_N=col_n, BLOCK_M=col_m, num_warps=4,
             )  # fmt: skip
 
     if B * N * M > GRAPH_MAX_ENTRIES:
         launch(C, log_a, log_b, f_hist, g_hist, n_done)
     else:
-        key = ("forward", n_iters, bits, _float_bits(tol))
-        _launch_graphs.run(key, launch, (C, log_a, log_b), (f_hist, g_hist, n_done))
+        key = ("forward", n_iters, bits, float_bits(tol))
+        launch_graphs.run(key, launch, (C, log_a, log_b), (f_hist, g_hist, n_done))
 
 
 def _split_backward(
@@ -800,7 +732,7 @@ def _split_backward(
     B, N, M = C.shape
     n_iters = f_hist.shape[1]
     row_n, row_m, col_n, col_m = _split_blocks(N, M, C.dtype)
-    bits = _float_bits(eps), _float_bits(LOG2E / eps)
+    bits = float_bits(eps), float_bits(LOG2E / eps)
 
     def launch(C, log_a, log_b, f_hist, g_hist, n_done, grad_f, adj_g_in, grad_C, grad_log_a, grad_log_b):
         adj_f = torch.empty_like(log_a)
@@ -821,7 +753,7 @@ def _split_backward(
     if B * N * M > GRAPH_MAX_ENTRIES:
         launch(*inputs, grad_C, grad_log_a, grad_log_b)
     else:
-        _launch_graphs.run(("backward", bits), launch, inputs, (grad_C, grad_log_a, grad_log_b))
+        launch_graphs.run(("backward", bits), launch, inputs, (grad_C, grad_log_a, grad_log_b))
 
 
 def _check_inputs(C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> tuple[int, int, int]:
@@ -877,7 +809,7 @@ def sinkhorn_forward(
     block_n, block_m, num_warps = _tile_config(N, M, C.dtype, block_n, block_m)
     sinkhorn_log_forward_kernel[(B,)](
         C, log_a, log_b, f, g, f_hist, g_hist, n_done,
-        N, M, n_iters, _float_bits(eps), _float_bits(LOG2E / eps), _float_bits(tol),
+        N, M, n_iters, float_bits(eps), float_bits(LOG2E / eps), float_bits(tol),
         CHECK_TOL=tol > 0, BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
     )  # fmt: skip
     return f, g, f_hist, g_hist, n_done
@@ -920,7 +852,7 @@ def sinkhorn_backward(
     sinkhorn_log_backward_kernel[(B,)](
         C, log_a, log_b, f_hist.contiguous(), g_hist.contiguous(), n_done.contiguous(),
         grad_f.to(C.dtype).contiguous(), adj_g, grad_C, grad_log_a, grad_log_b,
-        N, M, f_hist.shape[1], _float_bits(eps), _float_bits(LOG2E / eps),
+        N, M, f_hist.shape[1], float_bits(eps), float_bits(LOG2E / eps),
         BLOCK_N=block_n, BLOCK_M=block_m, num_warps=num_warps,
     )  # fmt: skip
     return grad_C, grad_log_a, grad_log_b
@@ -936,15 +868,15 @@ def sinkhorn_knopp(logits: torch.Tensor, eps: float, n_iters: int) -> torch.Tens
     f = logits.new_zeros(B)
     g = logits.new_empty(K)
     Q = torch.empty_like(logits)
-    scale = _float_bits(LOG2E / eps)
+    scale = float_bits(LOG2E / eps)
     for _ in range(n_iters):
         sinkhorn_knopp_col_kernel[(triton.cdiv(K, 32),)](
-            logits, f, g, B, K, _float_bits(math.log2(K)), scale, BLOCK_N=64, BLOCK_M=32, num_warps=4
+            logits, f, g, B, K, float_bits(math.log2(K)), scale, BLOCK_N=64, BLOCK_M=32, num_warps=4
         )
         sinkhorn_knopp_row_kernel[(triton.cdiv(B, 16),)](
-            logits, f, g, B, K, _float_bits(math.log2(B)), scale, BLOCK_N=16, BLOCK_M=128, num_warps=4
+            logits, f, g, B, K, float_bits(math.log2(B)), scale, BLOCK_N=16, BLOCK_M=128, num_warps=4
         )
     sinkhorn_knopp_plan_kernel[(triton.cdiv(B, 32), triton.cdiv(K, 128))](
-        logits, f, g, Q, B, K, _float_bits(math.log2(B)), scale, BLOCK_N=32, BLOCK_M=128, num_warps=4
+        logits, f, g, Q, B, K, float_bits(math.log2(B)), scale, BLOCK_N=32, BLOCK_M=128, num_warps=4
     )
     return Q

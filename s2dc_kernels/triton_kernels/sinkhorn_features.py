@@ -21,7 +21,7 @@ fill the GPU, the columns are split among programs that write partial LSEs, comb
 kernel; otherwise the LSE kernel finishes the update itself. One to two launches per half-step, no host
 synchronisation: the stop lives in device buffers (err_part, stopped, n_done) as in the split regime of
 ``triton_kernels/sinkhorn.py``; f alternates between two buffers so that a stopping problem keeps f^{t-1}.
-On CUDA the launches of a solve are replayed as one CUDA graph (``_launch_graphs`` of the solver; the
+On CUDA the launches of a solve are replayed as one CUDA graph (``_common.launch_graphs``; the
 graph copies only the O((N + M) d) inputs in).
 
 Value and envelope gradients: one more streamed pass over the plan P_ij = exp2(hx_i + hy_j + gamma s S_ij),
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sinkhorn import LOG2E, _float_bits, _float_from_bits, _launch_graphs
+from ._common import LOG2E, float_bits, float_from_bits, launch_graphs
 
 
 @triton.jit
@@ -200,13 +200,13 @@ def features_lse_kernel(
     Reads BLOCK_N x d of X once and split_cols x d of Y once.
     """
     dtype = alpha_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
-    gamma_scale = _float_from_bits(gamma_bits).to(dtype) * scale
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
+    gamma_scale = float_from_bits(gamma_bits).to(dtype) * scale
     problem = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     split = tl.program_id(2)
-    tol = _float_from_bits(tol_bits).to(dtype)
+    tol = float_from_bits(tol_bits).to(dtype)
     running = _is_running(
         stopped_ptr, err_part_ptr, problem, n_err_blocks, t, tol, STOP_MODE, FINISH, ERR_BLOCKS
     )
@@ -268,9 +268,9 @@ def features_finish_kernel(
     """Combine the n_splits partial LSEs (B, n_splits, N) of rows block pid(1) of problem pid(0) and finish
     the half-step (see _finish_rows). Reads n_splits x BLOCK_N partials once."""
     dtype = alpha_ptr.dtype.element_ty
-    eps = _float_from_bits(eps_bits).to(dtype)
-    scale = _float_from_bits(scale_bits).to(dtype)
-    tol = _float_from_bits(tol_bits).to(dtype)
+    eps = float_from_bits(eps_bits).to(dtype)
+    scale = float_from_bits(scale_bits).to(dtype)
+    tol = float_from_bits(tol_bits).to(dtype)
     problem = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     running = _is_running(
@@ -326,8 +326,8 @@ def features_plan_kernel(
     Reads BLOCK_N x d of X once, M x d of Y once (twice for the Z chunk); P never leaves registers.
     """
     dtype = alpha_ptr.dtype.element_ty
-    scale = _float_from_bits(scale_bits).to(dtype)
-    gamma_scale = _float_from_bits(gamma_bits).to(dtype) * scale
+    scale = float_from_bits(scale_bits).to(dtype)
+    gamma_scale = float_from_bits(gamma_bits).to(dtype) * scale
     problem = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(2)
     X_ptr += problem * N * D
@@ -510,7 +510,7 @@ def features_solve(
     precision = dot_precision(X.dtype, allow_tf32)
     rows = _HalfStep(X, Y, precision, 1 if check_tol else 0)
     cols = _HalfStep(Y, X, precision, 2 if check_tol else 0)
-    bits = _float_bits(eps), _float_bits(LOG2E / eps), _float_bits(gamma), _float_bits(tol)
+    bits = float_bits(eps), float_bits(LOG2E / eps), float_bits(gamma), float_bits(tol)
     n_err = rows.n_finish_blocks
 
     def launch(X, Y, alpha, beta, log_a, log_b, f_buf, g, n_done):
@@ -528,7 +528,7 @@ def features_solve(
 
     # inputs and outputs are O((N + M) d): a CUDA graph of the 2-4 launches per iteration always pays off
     key = ("features", n_iters, bits, precision, rows.splits, cols.splits)
-    _launch_graphs.run(key, launch, (X, Y, alpha, beta, log_a, log_b), (f_buf, g, n_done))
+    launch_graphs.run(key, launch, (X, Y, alpha, beta, log_a, log_b), (f_buf, g, n_done))
     index = (n_done % 2).view(1, B, 1).expand(1, B, N)
     return f_buf.gather(0, index)[0], g
 
@@ -562,7 +562,7 @@ def features_plan_sums(
     n_chunks = triton.cdiv(D, block_d) if with_z else 1
     features_plan_kernel[(B, triton.cdiv(N, block_n), n_chunks)](
         X, Y, alpha.contiguous(), beta.contiguous(), pot_x.contiguous(), pot_y.contiguous(), w.contiguous(),
-        r, q, Z, N, M, D, _float_bits(LOG2E / eps), _float_bits(gamma), WITH_Z=with_z,
+        r, q, Z, N, M, D, float_bits(LOG2E / eps), float_bits(gamma), WITH_Z=with_z,
         PRECISION=dot_precision(X.dtype, allow_tf32), Z_PRECISION=dot_precision(alpha.dtype, allow_tf32),
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         num_stages=num_stages,
