@@ -296,8 +296,7 @@ def run_cases(cases: Sequence[Case], args: argparse.Namespace) -> list[dict[str,
     """Time every (case, provider) pair that ``args`` selects, eager first (the reference for the output
     check and the ratios); append each row to ``args.csv`` as it is measured and return them all."""
     wanted = None if args.providers is None else set(args.providers.split(","))
-    if wanted is None and args.quick:
-        wanted = {"eager", *(f"s2dc-{b}" for b in s2dc_kernels.available_backends())}
+    quick_only_ours = wanted is None and args.quick  # --quick: ours ("s2dc-*") and eager
     ops = None if args.ops is None else set(args.ops.split(","))
     device, dev_name, vers = args.device, device_name(args.device), versions()
     selected, rows = [c for c in cases if ops is None or c.op in ops], []
@@ -307,7 +306,9 @@ def run_cases(cases: Sequence[Case], args: argparse.Namespace) -> list[dict[str,
         inputs = case.make_inputs(device)
         ref = None
         for provider, fn in sorted(case.providers.items(), key=lambda kv: kv[0] != "eager"):
-            if wanted is not None and provider not in wanted:
+            if (wanted is not None and provider not in wanted) or (
+                quick_only_ours and provider != "eager" and not provider.startswith("s2dc-")
+            ):
                 continue
             label = f"{case.op} {case.shape} {case.mode} [{provider}]"
             timing, sample = _time_provider(fn, inputs, case.mode, args, base, ref, label)
