@@ -22,6 +22,12 @@ TORCH_LIBRARY(s2dc_C, m) {
   m.def(
       "knn_forward(Tensor x, Tensor y, int k, int metric, bool exclude_self, int block_rows=128, "
       "int block_cols=2048) -> (Tensor, Tensor)");
+  // S (B, N, M) = <x_i / max(|x_i|, 1e-12), y_j / max(|y_j|, 1e-12)> / temperature of x (B, N, D), y (B, M, D)
+  // (y may be x itself): BLAS products scaled by the inverse norms, no normalised copies. No autograd (see
+  // cosine_backward).
+  m.def("cosine_forward(Tensor x, Tensor y, float temperature) -> Tensor");
+  // (grad_x, grad_y) (B, N, D), (B, M, D) of a loss L(S) of cosine_forward's S, given grad = dL/dS (B, N, M).
+  m.def("cosine_backward(Tensor grad, Tensor x, Tensor y, float temperature) -> (Tensor, Tensor)");
   // (loss, neighbours, weights): the neighbourhood-consistency loss L_nc (0-dim, the mean over the valid patches of
   // KL(p_i || q_i) on the k nearest valid teacher neighbours J_i of each valid patch i) of student and teacher
   // (B, N, D) with mask None or (B, N) bool; for the backward, J_i best first (B, N, k) int64 (-1 for invalid

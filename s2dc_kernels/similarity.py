@@ -1,13 +1,14 @@
 """Public similarity ops: cosine similarity, k-nearest neighbours, neighbourhood consistency (L_nc).
 
 Each function checks its inputs, resolves the backend and runs the reference in
-``s2dc_kernels.reference.similarity`` ("torch") or a fused kernel: for knn the compiled extension's
-("cpp": ``torch.ops.s2dc_C.knn_forward``, score tiles merged into running top-k lists, no N x M matrix),
-and for cosine_similarity and knn the Triton kernels of ``s2dc_kernels.triton_kernels.similarity``
-("triton": the normalisation fused into the GEMM; k-NN with running top-k lists on chip). The kernels sit
-behind torch.library custom ops with fake kernels (torch.compile traces through them).
-Inputs are (B, N, D) batches of row vectors or single (N, D) problems; outputs keep the rank. Empty
-batches and non-contiguous inputs are fine.
+``s2dc_kernels.reference.similarity`` ("torch") or a fused kernel: the compiled extension's ("cpp": for
+cosine_similarity ``torch.ops.s2dc_C.cosine_forward`` / ``cosine_backward``, BLAS products scaled by the
+inverse row norms; for knn ``torch.ops.s2dc_C.knn_forward``, score tiles merged into running top-k lists,
+no N x M matrix), and for cosine_similarity and knn the Triton kernels of
+``s2dc_kernels.triton_kernels.similarity`` ("triton": the normalisation fused into the GEMM; k-NN with
+running top-k lists on chip). The kernels sit behind torch.library custom ops with fake kernels
+(torch.compile traces through them). Inputs are (B, N, D) batches of row vectors or single (N, D)
+problems; outputs keep the rank. Empty batches and non-contiguous inputs are fine.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from s2dc_kernels.reference import similarity as reference
 
 METRICS = ("cosine", "dot", "l2")
 NC_BACKENDS = ("torch", "cpp", "triton")  # neighborhood_consistency
-COSINE_BACKENDS = ("torch", "triton")
+COSINE_BACKENDS = ("torch", "cpp", "triton")
 KNN_BACKENDS = ("torch", "cpp", "triton")
 
 
@@ -67,10 +68,14 @@ def cosine_similarity(
         x: (B, N, D) or (N, D) floating tensor.
         y: (B, M, D) or (M, D), same rank, dtype, device and D as x (same B too); None means x.
         temperature: positive divisor.
-        backend: "auto", "torch" (the reference) or "triton" (one fused kernel: inverse row norms from the
-            GEMM's own tiles, scaled in its epilogue, no normalised copies; fp32 products exact unless
-            torch.backends.cuda.matmul.allow_tf32, fp16 / bf16 on tensor cores with fp32 accumulation;
-            Triton backward, see ``s2dc_kernels.triton_kernels.similarity``). "auto" is "triton" on CUDA.
+        backend: "auto", "torch" (the reference), "cpp" (CPU tensors: the raw products x y^T by BLAS, then
+            one pass scaling them by the inverse row norms, no normalised copies; backward by BLAS on one
+            scaled copy of dL/dS, see csrc/cpu/cosine.h; float16 / bfloat16 are computed in float32) or
+            "triton" (one fused kernel: inverse row norms from the GEMM's own tiles, scaled in its epilogue,
+            no normalised copies; fp32 products exact unless torch.backends.cuda.matmul.allow_tf32, fp16 /
+            bf16 on tensor cores with fp32 accumulation; Triton backward, see
+            ``s2dc_kernels.triton_kernels.similarity``). "auto" is "triton" on CUDA and "cpp" on CPU
+            when the extension is built.
 
     Returns:
         (B, N, M) or (N, M) tensor in x's dtype.
@@ -80,11 +85,22 @@ def cosine_similarity(
     backend = resolve_backend(backend, op="cosine_similarity", device=device, supported=COSINE_BACKENDS)
     if backend == "torch":
         return reference.cosine_similarity(x, y, temperature=temperature)
+    dtype = x.dtype
+    if backend == "cpp" and dtype not in (torch.float32, torch.float64):
+        x, y = x.float(), None if y is None else y.float()
     batched = x.dim() == 3
     x3 = x if batched else x.unsqueeze(0)
     y3 = x3 if y is None else (y if batched else y.unsqueeze(0))
-    out = cosine_similarity_triton(x3, y3, temperature)
-    return out if batched else out.squeeze(0)
+    fused = cosine_similarity_cpp if backend == "cpp" else cosine_similarity_triton
+    out = fused(x3, y3, temperature)
+    return (out if batched else out.squeeze(0)).to(dtype)
+
+
+@torch.library.custom_op("s2dc::cosine_similarity_cpp", mutates_args=())
+def cosine_similarity_cpp(x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The C++ forward: S (B, N, M) of x (B, N, D), y (B, M, D) (y may be x itself), float32 / float64."""
+    extension()  # registers torch.ops.s2dc_C
+    return torch.ops.s2dc_C.cosine_forward(x, y, temperature)
 
 
 @torch.library.custom_op("s2dc::cosine_similarity_triton", mutates_args=())
@@ -95,9 +111,22 @@ def cosine_similarity_triton(x: torch.Tensor, y: torch.Tensor, temperature: floa
     return triton_similarity.cosine_similarity(x, y, temperature)
 
 
-@cosine_similarity_triton.register_fake
-def _(x, y, temperature):
+def _cosine_fake(x, y, temperature):
     return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+
+
+cosine_similarity_cpp.register_fake(_cosine_fake)
+cosine_similarity_triton.register_fake(_cosine_fake)
+
+
+@torch.library.custom_op("s2dc::cosine_similarity_cpp_backward", mutates_args=())
+def cosine_similarity_cpp_backward(
+    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dy) given dL/dS (B, N, M): BLAS products of one scaled copy of dL/dS with y and x, then
+    the normalisation's Jacobian projected out of each row (csrc/cpu/cosine.h)."""
+    extension()  # registers torch.ops.s2dc_C
+    return tuple(torch.ops.s2dc_C.cosine_backward(grad, x, y, temperature))
 
 
 @torch.library.custom_op("s2dc::cosine_similarity_triton_backward", mutates_args=())
@@ -111,9 +140,12 @@ def cosine_similarity_triton_backward(
     return tuple(triton_similarity.cosine_similarity_backward(grad, x, y, temperature))
 
 
-@cosine_similarity_triton_backward.register_fake
-def _(grad, x, y, temperature):
+def _cosine_backward_fake(grad, x, y, temperature):
     return torch.empty_like(x), torch.empty_like(y)
+
+
+cosine_similarity_cpp_backward.register_fake(_cosine_backward_fake)
+cosine_similarity_triton_backward.register_fake(_cosine_backward_fake)
 
 
 def _cosine_setup_context(ctx, inputs, output):
@@ -122,13 +154,23 @@ def _cosine_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
 
 
-def _cosine_backward(ctx, grad):
-    x, y = ctx.saved_tensors
-    grad_x, grad_y = cosine_similarity_triton_backward(grad, x, y, ctx.temperature)
-    return grad_x, grad_y, None
+def _cosine_backward_with(backward_op):
+    """The autograd formula of a fused cosine forward whose gradients come from backward_op."""
+
+    def cosine_backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        grad_x, grad_y = backward_op(grad, x, y, ctx.temperature)
+        return grad_x, grad_y, None
+
+    return cosine_backward
 
 
-cosine_similarity_triton.register_autograd(_cosine_backward, setup_context=_cosine_setup_context)
+cosine_similarity_cpp.register_autograd(
+    _cosine_backward_with(cosine_similarity_cpp_backward), setup_context=_cosine_setup_context
+)
+cosine_similarity_triton.register_autograd(
+    _cosine_backward_with(cosine_similarity_triton_backward), setup_context=_cosine_setup_context
+)
 
 
 def knn(

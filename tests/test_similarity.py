@@ -272,7 +272,7 @@ def test_auto_backend_on_cpu_is_cpp_when_built():
     assert resolve_backend("auto", op="knn", device=cpu, supported=public.KNN_BACKENDS) == "cpp"
     assert resolve_backend("auto", op="nc", device=cpu, supported=public.NC_BACKENDS) == "cpp"
     cosine = resolve_backend("auto", op="cosine_similarity", device=cpu, supported=public.COSINE_BACKENDS)
-    assert cosine == "torch"  # no cpp kernel
+    assert cosine == "cpp"
 
 
 # Tile sizes (block_rows, block_cols) of the cpp kernel that cut odd shapes everywhere: tiles of one row or
@@ -320,6 +320,8 @@ def test_knn_cpp_large_search_in_tiles(metric):
 
 # ---------------------------------------------------------------- Triton backend (interpreter on CPU, GPU)
 TRITON = backend_params(("triton",))
+# The fused cosine-similarity backends: the Triton kernels and the C++ CPU kernels (csrc/cpu/cosine*.cpp).
+COSINE_FUSED = backend_params(("cpp", "triton"))
 # Pairs that also cut the Triton tiles: 70 rows and 67 columns span two 64-blocks, D = 40 two 32-slices.
 TRITON_PAIR_SHAPES = [*PAIR_SHAPES, ((2, 70, 40), (2, 67, 40))]
 
@@ -334,11 +336,11 @@ def grad_tolerance(expected: torch.Tensor, dtype: torch.dtype) -> dict:
     return {"rtol": tol["rtol"], "atol": tol["atol"] * max(1.0, float(expected.abs().max()))}
 
 
-@pytest.mark.parametrize("backend, device", TRITON)
+@pytest.mark.parametrize("backend, device", COSINE_FUSED)
 @pytest.mark.parametrize("shapes", TRITON_PAIR_SHAPES)
 @pytest.mark.parametrize("self_similarity", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_triton_cosine_similarity_forward_and_gradients(backend, device, shapes, self_similarity, dtype):
+def test_fused_cosine_similarity_forward_and_gradients(backend, device, shapes, self_similarity, dtype):
     require_backend(backend, device)
     x = on(device, *shapes[0], seed=40, dtype=dtype).requires_grad_()
     y = None if self_similarity else on(device, *shapes[1], seed=41, dtype=dtype).requires_grad_()
@@ -359,9 +361,9 @@ def test_triton_cosine_similarity_forward_and_gradients(backend, device, shapes,
         assert_close(got.double(), want, **grad_tolerance(want, dtype))
 
 
-@pytest.mark.parametrize("backend, device", TRITON)
-def test_triton_cosine_similarity_gradcheck(backend, device):
-    """Finite differences, unbatched (batches: test_triton_cosine_similarity_forward_and_gradients)."""
+@pytest.mark.parametrize("backend, device", COSINE_FUSED)
+def test_fused_cosine_similarity_gradcheck(backend, device):
+    """Finite differences, unbatched (batches: test_fused_cosine_similarity_forward_and_gradients)."""
     require_backend(backend, device)
     x = on(device, 4, 3, seed=43, dtype=torch.float64).requires_grad_()
     y = on(device, 5, 3, seed=44, dtype=torch.float64).requires_grad_()
@@ -370,8 +372,8 @@ def test_triton_cosine_similarity_gradcheck(backend, device):
     assert torch.autograd.gradcheck(lambda a: cos(a), (x,))
 
 
-@pytest.mark.parametrize("backend, device", TRITON)
-def test_triton_cosine_similarity_zero_and_tiny_rows(backend, device):
+@pytest.mark.parametrize("backend, device", COSINE_FUSED)
+def test_fused_cosine_similarity_zero_and_tiny_rows(backend, device):
     require_backend(backend, device)
     x = on(device, 2, 4, 5, seed=45, dtype=torch.float64)
     x[1, 2] = 0.0
@@ -721,7 +723,11 @@ BAD_INPUTS = {
     ),
     "nc mask list": (lambda: public.neighborhood_consistency(S, T, k=2, mask=[True]), TypeError, "mask"),
     # backends
-    "cos backend cpp": (lambda: public.cosine_similarity(X, backend="cpp"), ValueError, "cosine_similarity"),
+    "cos backend cuda": (
+        lambda: public.cosine_similarity(X, backend="cuda"),
+        ValueError,
+        "does not implement cosine_similarity",
+    ),
     "knn backend cuda": (lambda: public.knn(X, k=1, backend="cuda"), ValueError, "not implement knn"),
     "nc backend cuda": (
         lambda: public.neighborhood_consistency(S, T, k=2, backend="cuda"),
@@ -790,3 +796,68 @@ def test_knn_cpp_is_a_custom_op_that_compiles():
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), loss(x))
     torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0], torch.autograd.grad(loss(x), x)[0])
+
+
+# ---------------------------------------------------------------- cpp backend of cosine_similarity
+# (forward, gradients and gradcheck on odd shapes: test_fused_cosine_similarity_*)
+def test_cosine_cpp_clamped_rows_and_any_gradient_layout():
+    """Rows whose norm is clamped at 1e-12 (zero, and 1e-14: a constant 1e12 scale, no Jacobian term) get
+    autograd-through-F.normalize's gradients; dL/dS may be broadcast (stride 0) or transposed."""
+    require_backend("cpp", "cpu")
+    x = randn(2, 6, 5, seed=70)
+    x[0, 1] = 0.0
+    x[1, 3] *= 1e-14 / float(x[1, 3].norm())
+    y = randn(2, 4, 5, seed=71)
+    y[1, 2] *= 1e-14 / float(y[1, 2].norm())
+    x.requires_grad_(), y.requires_grad_()
+    out = public.cosine_similarity(x, y, temperature=0.2, backend="cpp")
+    expected = reference.cosine_similarity(x, y, temperature=0.2)
+    assert_close(out, expected, **TOLERANCES[torch.float64])
+    transposed = randn(2, 4, 6, seed=72).transpose(1, 2)
+    for grad in (torch.ones(()).expand(2, 6, 4), transposed):
+        got = torch.autograd.grad(out, (x, y), grad, retain_graph=True)
+        want = torch.autograd.grad(expected, (x, y), grad, retain_graph=True)
+        for g, w in zip(got, want, strict=True):
+            assert_close(g, w, **grad_tolerance(w, torch.float64))
+    assert float(torch.autograd.grad(out, x, transposed, retain_graph=True)[0][1, 3].abs().max()) > 1e9
+
+
+def test_cosine_cpp_empty_problems_and_half_inputs():
+    """Empty batches, N = 0 and M = 0 (forward and backward); float16 / bfloat16 computed in float32."""
+    require_backend("cpp", "cpu")
+    for x_shape, y_shape in [((0, 4, 3), (0, 5, 3)), ((2, 0, 3), (2, 5, 3)), ((2, 4, 3), (2, 0, 3))]:
+        x = randn(*x_shape, seed=73).requires_grad_()
+        y = randn(*y_shape, seed=74).requires_grad_()
+        out = public.cosine_similarity(x, y, backend="cpp")
+        assert out.shape == (x_shape[0], x_shape[1], y_shape[1])
+        grad_x, grad_y = torch.autograd.grad(out.sum(), (x, y))
+        assert grad_x.shape == x.shape and grad_y.shape == y.shape
+        assert not grad_x.any() and not grad_y.any()
+    x = randn(3, 7, 9, seed=75)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = public.cosine_similarity(x.to(dtype), temperature=0.5, backend="cpp")
+        assert out.dtype == dtype
+        expected = reference.cosine_similarity(x.to(dtype).float(), temperature=0.5).to(dtype)
+        assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_cosine_cpp_is_a_custom_op_that_compiles():
+    require_backend("cpp", "cpu")
+    from s2dc_kernels.similarity import cosine_similarity_cpp, cosine_similarity_cpp_backward
+
+    x = randn(2, 9, 5, seed=76).requires_grad_()
+    y = randn(2, 7, 5, seed=77).requires_grad_()
+    torch.library.opcheck(cosine_similarity_cpp, (x, y, 0.5))
+    torch.library.opcheck(cosine_similarity_cpp, (x, x, 0.5))
+    grad = randn(2, 9, 7, seed=78)
+    torch.library.opcheck(cosine_similarity_cpp_backward, (grad, x.detach(), y.detach(), 0.5))
+
+    def loss(x, y):
+        sim = public.cosine_similarity(x, y, temperature=0.5, backend="cpp").square().sum()
+        return sim + public.cosine_similarity(x[0], backend="cpp").square().sum()  # y is x, unbatched
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x, y), loss(x, y))
+    got = torch.autograd.grad(compiled(x, y), (x, y))
+    for g, w in zip(got, torch.autograd.grad(loss(x, y), (x, y)), strict=True):
+        assert_close(g, w)

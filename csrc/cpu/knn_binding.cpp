@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cpu/knn.h"
+#include "cpu/pair_checks.h"
 
 namespace s2dc {
 namespace {
@@ -167,14 +168,7 @@ std::tuple<at::Tensor, at::Tensor> knn_forward_cpu(const at::Tensor& x, const at
                                                    int64_t metric_code, bool exclude_self, int64_t block_rows,
                                                    int64_t block_cols) {
   constexpr const char* op = "knn_forward (cpu)";
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op, ": x and y must be CPU tensors, got ", x.device(),
-              " and ", y.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have x's dtype ", x.scalar_type(), ", got ",
-              y.scalar_type());
-  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && y.size(0) == x.size(0) && y.size(2) == x.size(2), op,
-              ": x must be (B, N, D) and y (B, M, D), got ", x.sizes(), " and ", y.sizes());
+  check_cpu_pair(x, y, op);
   TORCH_CHECK(metric_code >= 0 && metric_code <= 2, op, ": metric must be 0 (cosine), 1 (dot) or 2 (l2), got ",
               metric_code);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);

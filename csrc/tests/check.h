@@ -15,4 +15,14 @@ inline void check(bool condition, const std::string& what) {
   }
 }
 
+// Prints the summary; the exit status of main: 1 when any check failed.
+inline int report() {
+  if (failures) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}
+
 }  // namespace s2dc_test

@@ -18,7 +18,6 @@
 namespace {
 
 using s2dc_test::check;
-using s2dc_test::failures;
 
 // Scores of an n x m matrix: random, or with many ties (a few distinct values).
 template <typename T>
@@ -170,7 +169,5 @@ void run_all(const char* dtype) {
 int main() {
   run_all<float>("float");
   run_all<double>("double");
-  if (failures) std::printf("%d check(s) failed\n", failures);
-  else std::printf("all checks passed\n");
-  return failures ? 1 : 0;
+  return s2dc_test::report();
 }

@@ -19,7 +19,6 @@
 namespace {
 
 using s2dc_test::check;
-using s2dc_test::failures;
 
 std::vector<double> unit_rows(const std::vector<double>& x, int64_t n, int64_t d) {
   std::vector<double> unit(x);
@@ -203,7 +202,5 @@ void run_all(const char* dtype) {
 int main() {
   run_all<float>("float");
   run_all<double>("double");
-  if (failures) std::printf("%d check(s) failed\n", failures);
-  else std::printf("all checks passed\n");
-  return failures ? 1 : 0;
+  return s2dc_test::report();
 }
