@@ -83,7 +83,8 @@ def make_cases(args) -> list[harness.Case]:
         providers = {f"s2dc-{b}": partial(s2dc_kernels.cosine_similarity, backend=b) for b in ours_cosine}
         providers["eager"] = reference.cosine_similarity
         providers["compile"] = harness.compiled(reference.cosine_similarity)
-        cases.append(harness.Case("cosine_similarity", shape, "fwd", inputs, providers))
+        for mode in ("fwd", "fwd+bwd"):
+            cases.append(harness.Case("cosine_similarity", shape, mode, inputs, providers))
 
         providers = {f"s2dc-{b}": partial(s2dc_kernels.knn, k=k, backend=b) for b in ours_knn}
         providers["eager"] = partial(reference.knn, k=k)
