@@ -107,8 +107,13 @@ def resolve_backend(backend: str, *, op: str, device: torch.device, supported: S
 
 
 def check_values() -> bool:
-    """Whether to scan inputs for NaN/inf (not while torch.compile traces, nor with S2DC_CHECK_VALUES=0)."""
-    return os.environ.get("S2DC_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+    """Whether to scan inputs for NaN/inf and other data-dependent conditions (host synchronisations): not
+    while torch.compile traces, nor during CUDA-graph capture, nor with S2DC_CHECK_VALUES=0."""
+    return (
+        os.environ.get("S2DC_CHECK_VALUES", "1") != "0"
+        and not torch.compiler.is_compiling()
+        and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    )
 
 
 def check_tensor(name: str, t: object, ndims: Sequence[int], *, finite: bool = True) -> torch.Tensor:
