@@ -6,13 +6,15 @@
 //                 reduces with shuffles (max, then sum of exp(x - max): the reference's max shift).
 //   column pass : thread k owns columns j = k, k + blockDim, ...; it walks the rows i, so a warp reads 32
 //                 consecutive entries of a row of C per step (coalesced); no reduction across threads.
-// C is read from global memory on every pass: a problem of up to a few hundred rows and columns stays in L1
-// or L2 across the iterations. The math uses expf/exp and IEEE division (no fast-math intrinsics), keeping
+// C is copied into shared memory once per solve when it fits beside the vectors (N M + N + M values of T within
+// the device's opt-in limit: up to ~225 x 225 fp32 on sm_90, the S2DC sizes), so the iterations never go back to
+// global memory for it (the small-problem regime of docs/anchors.md); larger problems read it from global
+// memory on every pass and rely on L1/L2. The math uses expf/exp and IEEE division (no fast-math intrinsics), keeping
 // fp32 results within the 1e-5 relative parity target against the PyTorch reference (about 1e-7 from an fp64
 // solve in practice); the file must not be built with --use_fast_math.
 //
-// Shared memory: N + M values of T per block (f and g, or the adjoints F and G), plus a few hundred bytes of
-// static scratch. Up to 48 KiB works everywhere; above that the launchers opt in to the device's limit
+// Shared memory: N + M values of T per block (f and g, or the adjoints F and G), then N M for C when it fits,
+// plus a few hundred bytes of static scratch. Up to 48 KiB works everywhere; above that the launchers opt in to the device's limit
 // (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/89, i.e.
 // N + M up to ~58k fp32 / ~29k fp64 on an H100). Larger problems keep the same vectors in global memory
 // instead (the forward in its history rows, the backward in the caller's workspace).
@@ -90,12 +92,22 @@ __device__ __forceinline__ T thread_column_lse(const T* __restrict__ C, const T*
   return col_max + log_t(sum);
 }
 
+// Copies the problem's C (N x M, contiguous) into shared memory (after the N + M vector slots) with the whole
+// block; returns the shared copy. Every thread reaches the barrier (callers branch on a block-uniform flag).
+template <typename T>
+__device__ __forceinline__ const T* copy_to_shared(const T* __restrict__ C, T* C_shared, int N, int M) {
+  const int64_t count = static_cast<int64_t>(N) * M;
+  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) C_shared[k] = C[k];
+  __syncthreads();
+  return C_shared;
+}
+
 // Forward solve, grid = B, one problem per block.
 //   f_i = eps * (log_a_i - LSE_j((g_j - C_ij) / eps))      (row pass, g of the previous iteration)
 //   g_j = eps * (log_b_j - LSE_i((f_i - C_ij) / eps))      (column pass, f of this iteration)
 // with the optional marginal check of iteration t-1 folded into the row pass of iteration t:
 //   err = sum_i |exp(f_i / eps + lse_i) - exp(log_a_i)|, block-reduced, stop when err < tol.
-// Per iteration: 2 N M exponentials, 4 reads of C (max and exp passes, rows and columns; L1/L2 hits for
+// Per iteration: 2 N M exponentials, 4 reads of C (max and exp passes, rows and columns; shared memory or L1/L2 for
 // small problems), N + M history writes; f and g are read from shared memory (potentials_in_shared) or from the
 // history rows in global memory otherwise. The row pass writes f in place: each f_i is read (for the check)
 // and rewritten by the same lane, and no other row reads it before the barrier. If the check stops the
@@ -103,12 +115,13 @@ __device__ __forceinline__ T thread_column_lse(const T* __restrict__ C, const T*
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     sinkhorn_forward_kernel(const T* __restrict__ C, const T* __restrict__ log_a, const T* __restrict__ log_b,
-                            int N, int M, T eps, int n_iters, T tol, bool potentials_in_shared, T* f, T* g,
-                            T* f_hist, T* g_hist, int64_t* n_done) {
+                            int N, int M, T eps, int n_iters, T tol, bool potentials_in_shared,
+                            bool cost_in_shared, T* f, T* g, T* f_hist, T* g_hist, int64_t* n_done) {
   __shared__ T warp_err[kMaxWarps];
   __shared__ int stop;
   const int64_t problem = blockIdx.x;
   const T* Cb = C + problem * N * M;
+  if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M);
   const T* la = log_a + problem * N;
   const T* lb = log_b + problem * M;
   T* fh = f_hist + problem * n_iters * N;
@@ -188,10 +201,11 @@ __global__ void __launch_bounds__(kMaxThreads)
                              const T* __restrict__ f_hist, const T* __restrict__ g_hist,
                              const int64_t* __restrict__ n_done, const T* __restrict__ grad_f,
                              const T* __restrict__ grad_g, int N, int M, T eps, int n_iters,
-                             bool adjoints_in_shared, T* __restrict__ grad_C, T* __restrict__ grad_log_a,
-                             T* __restrict__ grad_log_b, T* workspace) {
+                             bool adjoints_in_shared, bool cost_in_shared, T* __restrict__ grad_C,
+                             T* __restrict__ grad_log_a, T* __restrict__ grad_log_b, T* workspace) {
   const int64_t problem = blockIdx.x;
   const T* Cb = C + problem * N * M;
+  if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M);
   const T* la = log_a + problem * N;
   const T* lb = log_b + problem * M;
   const T* fh = f_hist + problem * n_iters * N;
@@ -302,6 +316,25 @@ cudaError_t prepare_shared_memory(Kernel kernel, size_t dynamic_bytes, bool* fit
   return err;
 }
 
+// The dynamic shared memory of a launch: the N + M vectors and C (N M) when both fit, else the vectors alone,
+// else none (vectors in global memory). Sets *bytes and the two flags the kernels take.
+template <typename Kernel>
+cudaError_t choose_shared_memory(Kernel kernel, int64_t N, int64_t M, size_t item_bytes, size_t* bytes,
+                                 bool* vectors_in_shared, bool* cost_in_shared) {
+  const size_t vector_bytes = static_cast<size_t>(N + M) * item_bytes;
+  const size_t with_cost_bytes = vector_bytes + static_cast<size_t>(N) * static_cast<size_t>(M) * item_bytes;
+  cudaError_t err = prepare_shared_memory(kernel, with_cost_bytes, cost_in_shared);
+  if (err != cudaSuccess) return err;
+  if (*cost_in_shared) {
+    *vectors_in_shared = true;
+    *bytes = with_cost_bytes;
+    return cudaSuccess;
+  }
+  err = prepare_shared_memory(kernel, vector_bytes, vectors_in_shared);
+  *bytes = *vectors_in_shared ? vector_bytes : 0;
+  return err;
+}
+
 }  // namespace
 
 template <typename T>
@@ -310,13 +343,14 @@ cudaError_t sinkhorn_forward_cuda(const T* C, const T* log_a, const T* log_b, in
                                   int64_t* n_done, cudaStream_t stream) {
   if (!sizes_fit_int(B, N, M, n_iters) || n_iters < 1 || !(eps > T(0))) return cudaErrorInvalidValue;
   if (B == 0) return cudaSuccess;
-  const size_t potential_bytes = static_cast<size_t>(N + M) * sizeof(T);
-  bool in_shared = false;
-  const cudaError_t err = prepare_shared_memory(sinkhorn_forward_kernel<T>, potential_bytes, &in_shared);
+  size_t shared_bytes = 0;
+  bool in_shared = false, cost_in_shared = false;
+  const cudaError_t err =
+      choose_shared_memory(sinkhorn_forward_kernel<T>, N, M, sizeof(T), &shared_bytes, &in_shared, &cost_in_shared);
   if (err != cudaSuccess) return err;
-  sinkhorn_forward_kernel<T><<<static_cast<unsigned>(B), block_threads(N, M), in_shared ? potential_bytes : 0,
-                               stream>>>(C, log_a, log_b, static_cast<int>(N), static_cast<int>(M), eps,
-                                         static_cast<int>(n_iters), tol, in_shared, f, g, f_hist, g_hist, n_done);
+  sinkhorn_forward_kernel<T><<<static_cast<unsigned>(B), block_threads(N, M), shared_bytes, stream>>>(
+      C, log_a, log_b, static_cast<int>(N), static_cast<int>(M), eps, static_cast<int>(n_iters), tol, in_shared,
+      cost_in_shared, f, g, f_hist, g_hist, n_done);
   return cudaGetLastError();
 }
 
@@ -327,16 +361,15 @@ cudaError_t sinkhorn_backward_cuda(const T* C, const T* log_a, const T* log_b, c
                                    T* workspace, cudaStream_t stream) {
   if (!sizes_fit_int(B, N, M, n_iters) || !(eps > T(0))) return cudaErrorInvalidValue;
   if (B == 0) return cudaSuccess;
-  const size_t adjoint_bytes = static_cast<size_t>(N + M) * sizeof(T);
-  bool in_shared = false;
-  const cudaError_t err = prepare_shared_memory(sinkhorn_backward_kernel<T>, adjoint_bytes, &in_shared);
+  size_t shared_bytes = 0;
+  bool in_shared = false, cost_in_shared = false;
+  const cudaError_t err = choose_shared_memory(sinkhorn_backward_kernel<T>, N, M, sizeof(T), &shared_bytes,
+                                               &in_shared, &cost_in_shared);
   if (err != cudaSuccess) return err;
   if (!in_shared && workspace == nullptr) return cudaErrorInvalidValue;
-  sinkhorn_backward_kernel<T><<<static_cast<unsigned>(B), block_threads(N, M), in_shared ? adjoint_bytes : 0,
-                                stream>>>(C, log_a, log_b, f_hist, g_hist, n_done, grad_f, grad_g,
-                                          static_cast<int>(N), static_cast<int>(M), eps,
-                                          static_cast<int>(n_iters), in_shared, grad_C, grad_log_a, grad_log_b,
-                                          workspace);
+  sinkhorn_backward_kernel<T><<<static_cast<unsigned>(B), block_threads(N, M), shared_bytes, stream>>>(
+      C, log_a, log_b, f_hist, g_hist, n_done, grad_f, grad_g, static_cast<int>(N), static_cast<int>(M), eps,
+      static_cast<int>(n_iters), in_shared, cost_in_shared, grad_C, grad_log_a, grad_log_b, workspace);
   return cudaGetLastError();
 }
 
