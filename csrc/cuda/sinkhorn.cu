@@ -9,9 +9,9 @@
 // C is copied into shared memory once per solve when it fits beside the vectors (N M + N + M values of T within
 // the device's opt-in limit: up to ~225 x 225 fp32 on sm_90, the S2DC sizes), so the iterations never go back to
 // global memory for it (the small-problem regime of docs/anchors.md); larger problems read it from global
-// memory on every pass and rely on L1/L2. The math uses expf/exp and IEEE division (no fast-math intrinsics), keeping
-// fp32 results within the 1e-5 relative parity target against the PyTorch reference (about 1e-7 from an fp64
-// solve in practice); the file must not be built with --use_fast_math.
+// memory on every pass and rely on L1/L2. The math uses expf/exp (no fast-math intrinsics) and multiplies by
+// 1 / eps instead of dividing by eps (within an ulp of the quotient), keeping fp32 results within the 1e-5
+// relative parity target against the PyTorch reference; the file must not be built with --use_fast_math.
 //
 // Shared memory: N + M values of T per block (f and g, or the adjoints F and G), then N M for C when it fits,
 // plus a few hundred bytes of static scratch. Up to 48 KiB works everywhere; above that the launchers opt in to the device's limit
@@ -63,32 +63,32 @@ __device__ __forceinline__ T warp_sum(T v) {
 // shift == nullptr means shift = 0. An all -inf row gives -inf, never NaN. Reads the row twice (max pass,
 // then exp-sum pass; the second read hits L1).
 template <typename T>
-__device__ __forceinline__ T warp_row_lse(const T* __restrict__ row, const T* shift, int M, T eps, int lane) {
+__device__ __forceinline__ T warp_row_lse(const T* __restrict__ row, const T* shift, int M, T inv_eps, int lane) {
   T row_max = neg_inf<T>();
   for (int j = lane; j < M; j += kWarpSize) {
-    const T x = ((shift != nullptr ? shift[j] : T(0)) - row[j]) / eps;
+    const T x = ((shift != nullptr ? shift[j] : T(0)) - row[j]) * inv_eps;
     row_max = x > row_max ? x : row_max;
   }
   row_max = warp_max(row_max);
   if (row_max == neg_inf<T>()) return row_max;  // warp-uniform: every lane holds the reduced max
   T sum = 0;
   for (int j = lane; j < M; j += kWarpSize) {
-    sum += exp_t(((shift != nullptr ? shift[j] : T(0)) - row[j]) / eps - row_max);
+    sum += exp_t(((shift != nullptr ? shift[j] : T(0)) - row[j]) * inv_eps - row_max);
   }
   return row_max + log_t(warp_sum(sum));
 }
 
 // LSE_i((f_i - C_ij) / eps) over column j of C (row stride M), by one thread. Same max shift as above.
 template <typename T>
-__device__ __forceinline__ T thread_column_lse(const T* __restrict__ C, const T* f, int N, int M, int j, T eps) {
+__device__ __forceinline__ T thread_column_lse(const T* __restrict__ C, const T* f, int N, int M, int j, T inv_eps) {
   T col_max = neg_inf<T>();
   for (int i = 0; i < N; ++i) {
-    const T x = (f[i] - C[static_cast<int64_t>(i) * M + j]) / eps;
+    const T x = (f[i] - C[static_cast<int64_t>(i) * M + j]) * inv_eps;
     col_max = x > col_max ? x : col_max;
   }
   if (col_max == neg_inf<T>()) return col_max;
   T sum = 0;
-  for (int i = 0; i < N; ++i) sum += exp_t((f[i] - C[static_cast<int64_t>(i) * M + j]) / eps - col_max);
+  for (int i = 0; i < N; ++i) sum += exp_t((f[i] - C[static_cast<int64_t>(i) * M + j]) * inv_eps - col_max);
   return col_max + log_t(sum);
 }
 
@@ -122,6 +122,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t problem = blockIdx.x;
   const T* Cb = C + problem * N * M;
   if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M);
+  const T inv_eps = T(1) / eps;
   const T* la = log_a + problem * N;
   const T* lb = log_b + problem * M;
   T* fh = f_hist + problem * n_iters * N;
@@ -142,9 +143,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     T err = 0;
     for (int i = warp; i < N; i += n_warps) {
-      const T lse = warp_row_lse(Cb + static_cast<int64_t>(i) * M, g_prev, M, eps, lane);
+      const T lse = warp_row_lse(Cb + static_cast<int64_t>(i) * M, g_prev, M, inv_eps, lane);
       if (lane == 0) {
-        if (check) err += abs_t(exp_t(f_prev[i] / eps + lse) - exp_t(la[i]));
+        if (check) err += abs_t(exp_t(f_prev[i] * inv_eps + lse) - exp_t(la[i]));
         const T fi = eps * (la[i] - lse);
         f_new[i] = fi;
         if (potentials_in_shared) f_shared[i] = fi;
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     const T* f_cur = potentials_in_shared ? f_shared : f_new;
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
-      const T gj = eps * (lb[j] - thread_column_lse(Cb, f_cur, N, M, j, eps));
+      const T gj = eps * (lb[j] - thread_column_lse(Cb, f_cur, N, M, j, inv_eps));
       g_new[j] = gj;
       if (potentials_in_shared) g_shared[j] = gj;
     }
@@ -206,6 +207,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t problem = blockIdx.x;
   const T* Cb = C + problem * N * M;
   if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M);
+  const T inv_eps = T(1) / eps;
   const T* la = log_a + problem * N;
   const T* lb = log_b + problem * M;
   const T* fh = f_hist + problem * n_iters * N;
@@ -243,7 +245,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       T sum = 0;
       for (int j = lane; j < M; j += kWarpSize) {
         const T lbj = lb[j];
-        if (lbj != neg_inf<T>()) sum += G[j] * exp_t((fi - row[j] + gt[j]) / eps - lbj);
+        if (lbj != neg_inf<T>()) sum += G[j] * exp_t((fi - row[j] + gt[j]) * inv_eps - lbj);
       }
       sum = warp_sum(sum);
       if (lane == 0) {
@@ -265,8 +267,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         const int64_t k = static_cast<int64_t>(i) * M + j;
         const T fi_minus_c = ft[i] - Cb[k];
         const T lai = la[i];
-        const T pc = column_has_mass ? exp_t((fi_minus_c + gtj) / eps - lbj) : T(0);
-        const T pr = lai != neg_inf<T>() ? exp_t((fi_minus_c + gpj) / eps - lai) : T(0);
+        const T pc = column_has_mass ? exp_t((fi_minus_c + gtj) * inv_eps - lbj) : T(0);
+        const T pr = lai != neg_inf<T>() ? exp_t((fi_minus_c + gpj) * inv_eps - lai) : T(0);
         const T Fi = F[i];
         const T delta = Gj * pc + Fi * pr;
         gCb[k] = first ? delta : gCb[k] + delta;
