@@ -167,7 +167,10 @@ def with_triton_regime(regime: str, fn):
 
 
 def solver_providers(op, ours: list[str], n_entries: int, **kwargs) -> dict:
-    """Our backends on ``op``, plus Triton with each regime forced on small and medium problems."""
+    """Our backends on ``op``, plus Triton with each regime forced on small and medium problems. The CUDA C++
+    kernels (one block per problem) only run up to REGIME_MAX_ENTRIES: past it they take seconds per call."""
+    if n_entries > REGIME_MAX_ENTRIES:
+        ours = [b for b in ours if b != "cuda"]
     providers = {f"s2dc-{b}": functools.partial(op, backend=b, **kwargs) for b in ours}
     if "triton" in ours and n_entries <= REGIME_MAX_ENTRIES:
         for regime in ("program", "split"):
