@@ -861,3 +861,22 @@ def test_cosine_cpp_is_a_custom_op_that_compiles():
     got = torch.autograd.grad(compiled(x, y), (x, y))
     for g, w in zip(got, torch.autograd.grad(loss(x, y), (x, y)), strict=True):
         assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(public.KNN_BACKENDS))
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_knn_agrees_with_faiss(backend, device, metric):
+    """Exact search by FAISS (the peer) on random rows: same neighbours and values (random data: no ties)."""
+    faiss = pytest.importorskip("faiss")
+    require_backend(backend, device)
+    torch.manual_seed(3)
+    x, y = torch.randn(37, 19), torch.randn(53, 19)
+    values, indices = public.knn(x.to(device), y.to(device), k=6, metric=metric, backend=backend)
+    if metric == "cosine":
+        x, y = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    expected_values, expected_indices = faiss.knn(x.numpy(), y.numpy(), 6, metric=faiss_metric)
+    if metric == "l2":
+        expected_values = np.sqrt(expected_values)  # FAISS returns squared distances
+    assert torch.equal(indices.cpu(), torch.from_numpy(expected_indices))
+    assert_close(values.cpu(), torch.from_numpy(expected_values), rtol=1e-5, atol=1e-5)
