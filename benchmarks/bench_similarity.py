@@ -71,6 +71,11 @@ def faiss_knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([v for v, _ in found]), torch.stack([i for _, i in found])
 
 
+def bare_bmm(x: torch.Tensor) -> torch.Tensor:
+    """x x^T without the normalisation: the floor of cosine_similarity (issue target: <= 1.15x of it)."""
+    return x @ x.mT
+
+
 def make_cases(args) -> list[harness.Case]:
     preset, partial = args.preset.name, functools.partial
     ours_cosine = harness.our_backends(COSINE_BACKENDS, args.device)
@@ -83,6 +88,7 @@ def make_cases(args) -> list[harness.Case]:
         providers = {f"s2dc-{b}": partial(s2dc_kernels.cosine_similarity, backend=b) for b in ours_cosine}
         providers["eager"] = reference.cosine_similarity
         providers["compile"] = harness.compiled(reference.cosine_similarity)
+        providers[harness.FLOOR_PROVIDER] = bare_bmm
         for mode in ("fwd", "fwd+bwd"):
             cases.append(harness.Case("cosine_similarity", shape, mode, inputs, providers))
 
