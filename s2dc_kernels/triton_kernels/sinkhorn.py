@@ -117,6 +117,60 @@ def _col_block_lse2(
     return run_max + tl.log2(run_sum)
 
 
+@triton.jit
+def _row_update(
+    C_ptr,
+    log_a_ptr,
+    f_old_ptr,
+    g_old_ptr,
+    f_new_ptr,
+    t,
+    rows,
+    row_mask,
+    M,
+    eps,
+    scale,
+    CHECK_TOL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Row update of iteration t for ``rows``:
+        f^t_i = eps * log_a_i - LSE2_j((g^{t-1}_j - C_ij) * scale) / scale  -> f_new.
+    Returns |exp2(f^{t-1}_i * scale + lse2_i) - a_i| per row (the row-marginal error of iteration t-1, from
+    the same LSE) with CHECK_TOL, zeros otherwise; 0 on rows past N. log_a_ptr, f_old_ptr, f_new_ptr point at
+    the problem's rows, g_old_ptr at g^{t-1} (g = 0 is used at t = 1)."""
+    lse2 = _row_block_lse2(C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M, False)
+    log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=0.0)
+    err = tl.zeros([BLOCK_N], C_ptr.dtype.element_ty)
+    if CHECK_TOL:
+        f_old = tl.load(f_old_ptr + rows, mask=row_mask, other=0.0)
+        err = tl.where(row_mask, tl.abs(tl.exp2(f_old * scale + lse2) - tl.exp(log_a)), 0.0)
+    tl.store(f_new_ptr + rows, eps * log_a - lse2 * (1.0 / scale), mask=row_mask)
+    return err
+
+
+@triton.jit
+def _col_update(
+    C_ptr,
+    log_b_ptr,
+    f_new_ptr,
+    g_new_ptr,
+    cols,
+    col_mask,
+    N,
+    M,
+    eps,
+    scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Column update with the f^t just written: g^t_j = eps * log_b_j - LSE2_i((f^t_i - C_ij) * scale) / scale
+    -> g_new, for ``cols``."""
+    lse2 = _col_block_lse2(C_ptr, f_new_ptr, cols, col_mask, N, M, scale, BLOCK_N, BLOCK_M, False)
+    log_b = tl.load(log_b_ptr + cols, mask=col_mask, other=0.0)
+    tl.store(g_new_ptr + cols, eps * log_b - lse2 * (1.0 / scale), mask=col_mask)
+
+
 @triton.jit(do_not_specialize=["n_iters", "eps_bits", "scale_bits", "tol_bits"])
 def sinkhorn_log_forward_kernel(
     C_ptr,
@@ -152,7 +206,6 @@ def sinkhorn_log_forward_kernel(
     dtype = C_ptr.dtype.element_ty
     eps = float_from_bits(eps_bits).to(dtype)
     scale = float_from_bits(scale_bits).to(dtype)
-    inv_scale = 1.0 / scale  # eps * ln(2): turns a base-2 LSE back into cost units
     tol = float_from_bits(tol_bits).to(dtype)
 
     problem = tl.program_id(0).to(tl.int64)
@@ -179,15 +232,10 @@ def sinkhorn_log_forward_kernel(
             for row_start in range(0, N, BLOCK_N):
                 rows = row_start + rows_in_block
                 row_mask = rows < N
-                lse2 = _row_block_lse2(
-                    C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M, False
-                )
-                log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=0.0)
-                if CHECK_TOL:
-                    f_old = tl.load(f_old_ptr + rows, mask=row_mask, other=0.0)
-                    row_mass = tl.exp2(f_old * scale + lse2)
-                    err_rows += tl.where(row_mask, tl.abs(row_mass - tl.exp(log_a)), 0.0)
-                tl.store(f_new_ptr + rows, eps * log_a - lse2 * inv_scale, mask=row_mask)
+                err_rows += _row_update(
+                    C_ptr, log_a_ptr, f_old_ptr, g_old_ptr, f_new_ptr, t, rows, row_mask, M, eps, scale,
+                    CHECK_TOL, BLOCK_N, BLOCK_M,
+                )  # fmt: skip
             tl.debug_barrier()
             if CHECK_TOL:
                 converged = ((t > 1) & (tl.sum(err_rows, axis=0) < tol)).to(tl.int32)
@@ -197,11 +245,10 @@ def sinkhorn_log_forward_kernel(
                 for col_start in range(0, M, BLOCK_M):
                     cols = col_start + cols_in_block
                     col_mask = cols < M
-                    lse2 = _col_block_lse2(
-                        C_ptr, f_new_ptr, cols, col_mask, N, M, scale, BLOCK_N, BLOCK_M, False
-                    )
-                    log_b = tl.load(log_b_ptr + cols, mask=col_mask, other=0.0)
-                    tl.store(g_new_ptr + cols, eps * log_b - lse2 * inv_scale, mask=col_mask)
+                    _col_update(
+                        C_ptr, log_b_ptr, f_new_ptr, g_new_ptr, cols, col_mask, N, M, eps, scale,
+                        BLOCK_N, BLOCK_M,
+                    )  # fmt: skip
                 tl.debug_barrier()
                 n_done = t
 
@@ -226,6 +273,50 @@ def _col_softmax_shift(g_ptr, log_b_ptr, cols, col_mask, eps):
     g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
     log_b = tl.load(log_b_ptr + cols, mask=col_mask, other=float("-inf"))
     return tl.where(log_b > float("-inf"), g - eps * log_b, float("-inf"))
+
+
+@triton.jit
+def _previous_g(g_prev_ptr, t, cols, col_mask):
+    """g^{t-1} on ``cols`` (g^0 = 0 at t = 1; -inf past M, so those columns weigh 0)."""
+    g_prev = tl.load(g_prev_ptr + cols, mask=col_mask, other=float("-inf"))
+    return tl.where(t > 1, g_prev, tl.where(col_mask, 0.0, float("-inf")))
+
+
+@triton.jit
+def _subtract_g_adjoint(
+    adj_f, C_ptr, g_t_ptr, log_b_ptr, adj_g_ptr, f_t, rows, row_mask, M, eps, scale, BLOCK_M: tl.constexpr
+):
+    """adj_f - sum_j G_j Pc_ij over all column blocks for ``rows``: the g^t update's contribution to F, with
+    Pc_ij = exp2((f^t_i + v_j - C_ij) * scale) (v from _col_softmax_shift) and G = adj_g."""
+    for col_start in range(0, M, BLOCK_M):
+        cols = col_start + tl.arange(0, BLOCK_M)
+        col_mask = cols < M
+        v = _col_softmax_shift(g_t_ptr, log_b_ptr, cols, col_mask, eps)
+        adj_g = tl.load(adj_g_ptr + cols, mask=col_mask, other=0.0)
+        cost = tl.load(
+            C_ptr + rows[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        )
+        adj_f -= tl.sum(adj_g[None, :] * tl.exp2((f_t[:, None] + v[None, :] - cost) * scale), axis=1)
+    return adj_f
+
+
+@triton.jit
+def _grad_cost_tile(
+    C_ptr, grad_C_ptr, rows, cols, row_mask, col_mask, M, f_t, u, adj_f, v, g_prev, adj_g, scale
+):
+    """One (rows, cols) tile of a backward step with F complete:
+        grad_C_ij += G_j Pc_ij + F_i Pr_ij,   Pc_ij = exp2((f^t_i + v_j - C_ij) s),
+        Pr_ij = exp2((u_i + g^{t-1}_j - C_ij) s);
+    returns the tile's sum_i F_i Pr_ij per column (G' of g^{t-1} is minus its sum over all rows)."""
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    tile_offsets = rows[:, None] * M + cols[None, :]
+    cost = tl.load(C_ptr + tile_offsets, mask=tile_mask, other=0.0)
+    p_col = tl.exp2((f_t[:, None] + v[None, :] - cost) * scale)
+    p_row = tl.exp2((u[:, None] + g_prev[None, :] - cost) * scale)
+    grad_cost = tl.load(grad_C_ptr + tile_offsets, mask=tile_mask, other=0.0)
+    grad_cost += adj_g[None, :] * p_col + adj_f[:, None] * p_row
+    tl.store(grad_C_ptr + tile_offsets, grad_cost, mask=tile_mask)
+    return tl.sum(adj_f[:, None] * p_row, axis=0)
 
 
 @triton.jit(do_not_specialize=["n_iters", "eps_bits", "scale_bits"])
@@ -303,37 +394,34 @@ def sinkhorn_log_backward_kernel(
             adj_f = tl.where(step == 0, tl.load(grad_f_ptr + rows, mask=row_mask, other=0.0), 0.0)
 
             # Sweep 1: the g^t update's contribution to F over all columns.
-            for col_start in range(0, M, BLOCK_M):
-                cols = col_start + cols_in_block
-                col_mask = cols < M
-                v = _col_softmax_shift(g_t_ptr, log_b_ptr, cols, col_mask, eps)
-                adj_g = tl.load(adj_g_cur_ptr + cols, mask=col_mask, other=0.0)
-                cost = tl.load(
-                    C_ptr + rows[:, None] * M + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :],
-                    other=0.0,
-                )
-                p_col = tl.exp2((f_t[:, None] + v[None, :] - cost) * scale)
-                adj_f -= tl.sum(adj_g[None, :] * p_col, axis=1)
+            adj_f = _subtract_g_adjoint(
+                adj_f, C_ptr, g_t_ptr, log_b_ptr, adj_g_cur_ptr, f_t, rows, row_mask, M, eps, scale, BLOCK_M
+            )
 
             # Sweep 2: grad_C tiles and the adjoint of g^{t-1}, with the complete F of this row block.
             for col_start in range(0, M, BLOCK_M):
                 cols = col_start + cols_in_block
                 col_mask = cols < M
-                tile_mask = row_mask[:, None] & col_mask[None, :]
-                tile_offsets = rows[:, None] * M + cols[None, :]
                 v = _col_softmax_shift(g_t_ptr, log_b_ptr, cols, col_mask, eps)
                 adj_g = tl.load(adj_g_cur_ptr + cols, mask=col_mask, other=0.0)
-                g_prev = tl.load(g_prev_ptr + cols, mask=col_mask, other=float("-inf"))
-                g_prev = tl.where(t > 1, g_prev, tl.where(col_mask, 0.0, float("-inf")))
-                cost = tl.load(C_ptr + tile_offsets, mask=tile_mask, other=0.0)
-                p_col = tl.exp2((f_t[:, None] + v[None, :] - cost) * scale)
-                p_row = tl.exp2((u[:, None] + g_prev[None, :] - cost) * scale)
-                grad_cost = tl.load(grad_C_ptr + tile_offsets, mask=tile_mask, other=0.0)
-                grad_cost += adj_g[None, :] * p_col + adj_f[:, None] * p_row
-                tl.store(grad_C_ptr + tile_offsets, grad_cost, mask=tile_mask)
+                g_prev = _previous_g(g_prev_ptr, t, cols, col_mask)
                 adj_g_new = tl.load(adj_g_new_ptr + cols, mask=col_mask, other=0.0)
-                adj_g_new -= tl.sum(adj_f[:, None] * p_row, axis=0)
+                adj_g_new -= _grad_cost_tile(
+                    C_ptr,
+                    grad_C_ptr,
+                    rows,
+                    cols,
+                    row_mask,
+                    col_mask,
+                    M,
+                    f_t,
+                    u,
+                    adj_f,
+                    v,
+                    g_prev,
+                    adj_g,
+                    scale,
+                )
                 tl.store(adj_g_new_ptr + cols, adj_g_new, mask=col_mask)
 
             grad_log_a = tl.load(grad_log_a_ptr + rows, mask=row_mask, other=0.0)
@@ -395,13 +483,14 @@ def sinkhorn_split_row_kernel(
         C_ptr += problem * N * M
         f_hist_ptr += problem * n_iters * N
         g_old_ptr = g_hist_ptr + problem * n_iters * M + tl.maximum(t - 2, 0) * M
-        lse2 = _row_block_lse2(C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M, False)
-        log_a = tl.load(log_a_ptr + problem * N + rows, mask=row_mask, other=0.0)
+        f_old_ptr = f_hist_ptr + tl.maximum(t - 2, 0) * N
+        f_new_ptr = f_hist_ptr + (t - 1) * N
+        err = _row_update(
+            C_ptr, log_a_ptr + problem * N, f_old_ptr, g_old_ptr, f_new_ptr, t, rows, row_mask, M, eps, scale,
+            CHECK_TOL, BLOCK_N, BLOCK_M,
+        )  # fmt: skip
         if CHECK_TOL:
-            f_old = tl.load(f_hist_ptr + tl.maximum(t - 2, 0) * N + rows, mask=row_mask, other=0.0)
-            err = tl.where(row_mask, tl.abs(tl.exp2(f_old * scale + lse2) - tl.exp(log_a)), 0.0)
             tl.store(err_part_ptr + problem * tl.num_programs(1) + block, tl.sum(err, axis=0))
-        tl.store(f_hist_ptr + (t - 1) * N + rows, eps * log_a - lse2 * (1.0 / scale), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["t", "n_iters", "eps_bits", "scale_bits", "tol_bits"])
@@ -450,12 +539,11 @@ def sinkhorn_split_col_kernel(
         cols = block * BLOCK_M + tl.arange(0, BLOCK_M)
         col_mask = cols < M
         f_new_ptr = f_hist_ptr + problem * n_iters * N + (t - 1) * N
-        lse2 = _col_block_lse2(
-            C_ptr + problem * N * M, f_new_ptr, cols, col_mask, N, M, scale, BLOCK_N, BLOCK_M, False
-        )
-        log_b = tl.load(log_b_ptr + problem * M + cols, mask=col_mask, other=0.0)
-        g_new = eps * log_b - lse2 * (1.0 / scale)
-        tl.store(g_hist_ptr + problem * n_iters * M + (t - 1) * M + cols, g_new, mask=col_mask)
+        g_new_ptr = g_hist_ptr + problem * n_iters * M + (t - 1) * M
+        _col_update(
+            C_ptr + problem * N * M, log_b_ptr + problem * M, f_new_ptr, g_new_ptr, cols, col_mask, N, M, eps,
+            scale, BLOCK_N, BLOCK_M,
+        )  # fmt: skip
         if block == 0:
             tl.store(n_done_ptr + problem, t.to(tl.int64))
 
@@ -501,17 +589,9 @@ def sinkhorn_split_backward_row_kernel(
             f_hist_ptr + problem * n_iters * N + (t - 1) * N + rows, mask=row_mask, other=float("-inf")
         )
         adj_f = tl.where(step == 0, tl.load(grad_f_ptr + problem * N + rows, mask=row_mask, other=0.0), 0.0)
-        for col_start in range(0, M, BLOCK_M):
-            cols = col_start + tl.arange(0, BLOCK_M)
-            col_mask = cols < M
-            v = _col_softmax_shift(g_t_ptr, log_b_ptr, cols, col_mask, eps)
-            adj_g = tl.load(adj_g_ptr + cols, mask=col_mask, other=0.0)
-            cost = tl.load(
-                C_ptr + rows[:, None] * M + cols[None, :],
-                mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            adj_f -= tl.sum(adj_g[None, :] * tl.exp2((f_t[:, None] + v[None, :] - cost) * scale), axis=1)
+        adj_f = _subtract_g_adjoint(
+            adj_f, C_ptr, g_t_ptr, log_b_ptr, adj_g_ptr, f_t, rows, row_mask, M, eps, scale, BLOCK_M
+        )
         tl.store(adj_f_ptr + problem * N + rows, adj_f, mask=row_mask)
         grad_log_a = tl.load(grad_log_a_ptr + problem * N + rows, mask=row_mask, other=0.0)
         tl.store(grad_log_a_ptr + problem * N + rows, grad_log_a + eps * adj_f, mask=row_mask)
@@ -560,8 +640,7 @@ def sinkhorn_split_backward_col_kernel(
         adj_g_ptr += problem * 2 * M
         v = _col_softmax_shift(g_hist_ptr + (t - 1) * M, log_b_ptr + problem * M, cols, col_mask, eps)
         adj_g = tl.load(adj_g_ptr + (step % 2) * M + cols, mask=col_mask, other=0.0)
-        g_prev = tl.load(g_hist_ptr + tl.maximum(t - 2, 0) * M + cols, mask=col_mask, other=float("-inf"))
-        g_prev = tl.where(t > 1, g_prev, tl.where(col_mask, 0.0, float("-inf")))
+        g_prev = _previous_g(g_hist_ptr + tl.maximum(t - 2, 0) * M, t, cols, col_mask)
         adj_g_new = tl.zeros([BLOCK_M], dtype)
         for row_start in range(0, N, BLOCK_N):
             rows = row_start + tl.arange(0, BLOCK_N)
@@ -570,18 +649,9 @@ def sinkhorn_split_backward_col_kernel(
             log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=float("-inf"))
             u = tl.where(log_a > float("-inf"), f_t - eps * log_a, float("-inf"))
             adj_f = tl.load(adj_f_ptr + rows, mask=row_mask, other=0.0)
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            tile_offsets = rows[:, None] * M + cols[None, :]
-            cost = tl.load(C_ptr + tile_offsets, mask=tile_mask, other=0.0)
-            p_col = tl.exp2((f_t[:, None] + v[None, :] - cost) * scale)
-            p_row = tl.exp2((u[:, None] + g_prev[None, :] - cost) * scale)
-            grad_cost = tl.load(grad_C_ptr + tile_offsets, mask=tile_mask, other=0.0)
-            tl.store(
-                grad_C_ptr + tile_offsets,
-                grad_cost + adj_g[None, :] * p_col + adj_f[:, None] * p_row,
-                mask=tile_mask,
+            adj_g_new -= _grad_cost_tile(
+                C_ptr, grad_C_ptr, rows, cols, row_mask, col_mask, M, f_t, u, adj_f, v, g_prev, adj_g, scale
             )
-            adj_g_new -= tl.sum(adj_f[:, None] * p_row, axis=0)
         tl.store(adj_g_ptr + ((step + 1) % 2) * M + cols, adj_g_new, mask=col_mask)
         grad_log_b = tl.load(grad_log_b_ptr + problem * M + cols, mask=col_mask, other=0.0)
         tl.store(grad_log_b_ptr + problem * M + cols, grad_log_b + eps * adj_g, mask=col_mask)
@@ -728,7 +798,8 @@ def _split_backward(
 ):
     """Accumulate the unrolled gradient by 2 launches per iteration (see sinkhorn_split_backward_row_kernel;
     problems that stopped early skip the launches past their n_done), replayed as one CUDA graph for small
-    problems. grad_C, grad_log_a, grad_log_b come zeroed; adj_g (B, 2, M) holds grad_g and zeros."""
+    problems. grad_C, grad_log_a, grad_log_b are overwritten (zeroed first); adj_g (B, 2, M) holds grad_g and
+    zeros."""
     B, N, M = C.shape
     n_iters = f_hist.shape[1]
     row_n, row_m, col_n, col_m = _split_blocks(N, M, C.dtype)
@@ -838,13 +909,13 @@ def sinkhorn_backward(
     """
     B, N, M = _check_inputs(C, log_a, log_b)
     C, log_a, log_b = C.contiguous(), log_a.contiguous(), log_b.contiguous()
-    grad_C = torch.zeros_like(C)
-    grad_log_a = torch.zeros_like(log_a)
-    grad_log_b = torch.zeros_like(log_b)
+    split = B > 0 and use_split_regime(B, N, M)
+    allocate = torch.empty_like if split else torch.zeros_like  # the split launches zero their outputs
+    grad_C, grad_log_a, grad_log_b = allocate(C), allocate(log_a), allocate(log_b)
     if B == 0:
         return grad_C, grad_log_a, grad_log_b
     adj_g = torch.stack((grad_g.to(C.dtype), torch.zeros_like(log_b)), dim=1)  # (B, 2, M): G, G'
-    if use_split_regime(B, N, M):
+    if split:
         args = (C, log_a, log_b, eps, f_hist.contiguous(), g_hist.contiguous(), n_done.contiguous())
         _split_backward(*args, grad_f.to(C.dtype).contiguous(), adj_g, grad_C, grad_log_a, grad_log_b)
         return grad_C, grad_log_a, grad_log_b
