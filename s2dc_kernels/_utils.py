@@ -112,7 +112,7 @@ def check_values() -> bool:
     return (
         os.environ.get("S2DC_CHECK_VALUES", "1") != "0"
         and not torch.compiler.is_compiling()
-        and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        and not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
     )
 
 
