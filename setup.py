@@ -17,8 +17,9 @@ Environment switches:
     MAX_JOBS               the number of parallel compile jobs (with ninja)
 
 Compiler flags: -O3; -fopenmp, so that at::parallel_for in the bindings runs on torch's OpenMP threads and the
-kernels' OpenMP SIMD pragmas vectorise their reductions; -fno-trapping-math, so that the branch-free exp2 of
-csrc/cpu/exp2.h if-converts in vector loops; no -ffast-math (the kernels rely on -inf and NaN semantics).
+kernels' OpenMP SIMD pragmas vectorise their reductions; -fno-trapping-math, so that the branch-free exp2 and
+log2 of csrc/cpu/vector_math.h if-convert in vector loops; no -ffast-math (the kernels rely on -inf and NaN
+semantics).
 """
 
 from __future__ import annotations

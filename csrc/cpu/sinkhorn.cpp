@@ -4,7 +4,7 @@
 // x_ij = q_j - s C_ij (one FMA) and its weight exp2(x_ij - shift) (fast_exp2: inline, vectorised).
 //
 // Kernel cache. Every weight either direction needs is exp2(x_i + y_j - s C_ij) for some row and column terms, so
-// it is a rescaling of one cached matrix K_ij = exp2(w_j - s C_ij - u_i) (n x m scratch per solve):
+// it is a rescaling of one cached matrix K_ij = exp2(w_j - s C_ij - u_i) (n x m scratch per solve, and KT = K^T):
 //   exp2(x_i + y_j - s C_ij) = K_ij 2^(x_i + u_i) 2^(y_j - w_j).
 // An iteration on the cache costs FMAs and n + m exponentials instead of n m. The cache is rebuilt (one
 // exponential per entry) from the current iterate when a rescaling factor leaves [2^-F, 2^F] (F = 64 in float,
@@ -28,12 +28,15 @@
 // error is integrated over the iterations. Rows whose Pr sum fails (a tiny mass a_i, or t = 1 where q' = 0 also
 // weighs zero-mass columns) evaluate Pr directly.
 //
-// Sums over rows (A_j, the column sums of Pc, the adjoint of g) are cascaded over blocks of rows: plain running sums
-// over hundreds of rows drop small terms with a bias of ~1e-7 that the iterations would integrate along the gauge
-// (f + c, g - c), where the lane-split row sums do not.
+// Matrix-vector products with the cache (the row sums K beta, the column sums alpha K, and their backward
+// counterparts) are all sums of scaled rows, of K or of its transpose KT kept beside it: vertical vector FMAs, four
+// rows per pass, with no horizontal reduction per row (which costs more than the row itself at n, m ~ 100). These
+// sums are cascaded over blocks of rows: plain running sums over hundreds of rows drop small terms with a bias of
+// ~1e-7 that the iterations would integrate along the gauge (f + c, g - c). The per-row and per-column scalars
+// (log2, exp2 and the rescaling factors) are vector loops too (fast_log2, fast_exp2).
 //
-// Memory: O(n + m) plus the n x m cache per solve. Traffic per iteration: C once (a rebuild) or the cache twice,
-// plus grad_C once in the backward.
+// Memory: O(n + m) plus the cache and its transpose (2 n m) per solve. Traffic per iteration: C once (a rebuild)
+// or the cache twice in the forward; the cache three times and grad_C once in the backward.
 #include "sinkhorn.h"
 
 #include <algorithm>
@@ -43,7 +46,7 @@
 #include <utility>
 #include <vector>
 
-#include "exp2.h"
+#include "vector_math.h"
 #include "target_clones.h"  // each sweep is compiled per instruction set
 
 namespace s2dc::cpu {
@@ -93,30 +96,86 @@ template <typename T>
   return {shift, sum};
 }
 
-// After row i of n: every kRowBlock rows (and after the last) adds block into total and clears it.
-template <typename T>
-[[gnu::always_inline]] inline void flush_row_block(int64_t i, int64_t n, int64_t m, T* __restrict block,
-                                                   T* __restrict total) {
-  if (i % kRowBlock != kRowBlock - 1 && i != n - 1) return;
+// y[v]_k = sum_r coef[v]_r R_rk (k < len, v < V) over the count rows of the row-major R: V matrix-vector products
+// in one pass over R as sums of scaled rows, so that every operation is a vertical vector FMA (a product with the
+// transposed cache replaces a dot product per row and its horizontal reduction). Four rows per pass over block
+// (V x len, scratch); each block of kRowBlock rows is then added into y (cascaded sums, see the top of the file).
+template <int V, typename T>
+[[gnu::always_inline]] inline void sum_scaled_rows(const T* __restrict R, const T* const (&coef)[V], int64_t count,
+                                                   int64_t len, T* const (&y)[V], T* __restrict block) {
+  for (int v = 0; v < V; ++v) std::fill(y[v], y[v] + len, T(0));
+  for (int64_t first = 0; first < count; first += kRowBlock) {
+    const int64_t end = std::min(count, first + kRowBlock);
+    std::fill(block, block + V * len, T(0));
+    int64_t r = first;
+    for (; r + 4 <= end; r += 4) {
+      const T* __restrict r0 = R + r * len;
+      const T* __restrict r1 = r0 + len;
+      const T* __restrict r2 = r1 + len;
+      const T* __restrict r3 = r2 + len;
+      for (int v = 0; v < V; ++v) {
+        const T c0 = coef[v][r], c1 = coef[v][r + 1], c2 = coef[v][r + 2], c3 = coef[v][r + 3];
+        T* __restrict b = block + v * len;
 #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) {
-    total[j] += block[j];
-    block[j] = 0;
+        for (int64_t k = 0; k < len; ++k) b[k] += (c0 * r0[k] + c1 * r1[k]) + (c2 * r2[k] + c3 * r3[k]);
+      }
+    }
+    for (; r < end; ++r) {
+      const T* __restrict r0 = R + r * len;
+      for (int v = 0; v < V; ++v) {
+        const T c0 = coef[v][r];
+        T* __restrict b = block + v * len;
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) b[k] += c0 * r0[k];
+      }
+    }
+    for (int v = 0; v < V; ++v) {
+      T* __restrict out = y[v];
+      const T* __restrict b = block + v * len;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) out[k] += b[k];
+    }
+  }
+}
+
+// KT = K^T for the row-major n x m K, in 16 x 16 tiles (a tile's rows and columns stay in cache).
+template <typename T>
+[[gnu::always_inline]] inline void transpose(const T* __restrict K, int64_t n, int64_t m, T* __restrict KT) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+    for (int64_t j0 = 0; j0 < m; j0 += kTile) {
+      const int64_t i1 = std::min(n, i0 + kTile), j1 = std::min(m, j0 + kTile);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) KT[j * n + i] = K[i * m + j];
+      }
+    }
   }
 }
 
 // Cache rescaling factors 2^(target_k - reference_k) for k < count into factors: 0 where the target is -inf (no
 // mass), +inf where out of range (also a finite target on a -inf reference). Returns whether all are in range.
 template <typename T>
-bool rescaling_factors(const T* target, const T* reference, int64_t count, T* factors) {
-  bool in_range = true;
+S2DC_TARGET_CLONES bool rescaling_factors(const T* __restrict target, const T* __restrict reference, int64_t count,
+                                          T* __restrict factors) {
+  int64_t out_of_range = 0;
+#pragma omp simd reduction(+ : out_of_range)
   for (int64_t k = 0; k < count; ++k) {
     const T exponent = target[k] - reference[k];
-    const bool ok = std::abs(exponent) <= kMaxFactorExponent<T>;
-    factors[k] = target[k] == -kInf<T> ? T(0) : ok ? fast_exp2(exponent) : kInf<T>;
-    in_range = in_range && (ok || target[k] == -kInf<T>);
+    const bool no_mass = target[k] == -kInf<T>;
+    const bool ok = std::abs(exponent) <= kMaxFactorExponent<T>;  // false for NaN (-inf - -inf)
+    factors[k] = no_mass ? T(0) : ok ? fast_exp2(exponent) : kInf<T>;
+    out_of_range += !(ok || no_mass);
   }
-  return in_range;
+  return out_of_range == 0;
+}
+
+// sum_k x_k (a vector reduction).
+template <typename T>
+S2DC_TARGET_CLONES T sum_of(const T* __restrict x, int64_t count) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < count; ++k) sum += x[k];
+  return sum;
 }
 
 // LSE2_i(p_i - s C_ij) of column j from C itself (stride m), with its own max shift.
@@ -131,147 +190,165 @@ T column_lse2(const T* cost, int64_t n, int64_t m, T scale, const T* p, int64_t 
 }
 
 // The forward row half-step of one iteration and the column sums A_j (see the top of the file), in three
-// passes: the row sums, then the per-row scalars (independent, so their log2 and exp2 overlap), then the column
-// sums. With beta null it rebuilds the cache (K, u) from q; else it reads K rescaled by beta_j = 2^(q_j - w_j) and
-// returns false if a row sum fails row_bound (the caller then rebuilds). Writes p_next (n), col_sums (m) and, when
-// want_error, *error = sum_i |exp2(p_i + lse_i) - a_i|, the row-marginal error of p; row_sums, alpha (n) and
-// block (m) are scratch.
+// passes: the row sums, then the per-row scalars (independent, so their log2 and exp2 vectorise), then the column
+// sums. With beta null it rebuilds the cache (K and its transpose KT, u) from q; else it reads K rescaled by
+// beta_j = 2^(q_j - w_j) and returns false if a row sum fails row_bound (the caller then rebuilds). Writes p_next
+// (n), col_sums (m) and, when want_error, *error = sum_i |exp2(p_i + lse_i) - a_i|, the row-marginal error of p;
+// row_sums, alpha (n) and block (max(n, m)) are scratch.
 template <typename T>
 S2DC_TARGET_CLONES bool forward_rows(const T* __restrict cost, int64_t n, int64_t m, T scale, const T* __restrict q,
                                      const T* __restrict beta, T row_bound, const T* __restrict a,
                                      const T* __restrict log2_a, const T* __restrict p, bool want_error,
-                                     T* __restrict error, T* __restrict K, T* __restrict u, T* __restrict p_next,
-                                     T* __restrict row_sums, T* __restrict alpha, T* __restrict block,
-                                     T* __restrict col_sums) {
-  for (int64_t i = 0; i < n; ++i) {
-    T* __restrict k_row = K + i * m;
-    if (beta == nullptr) {
-      const auto [shift, sum] = row_exp2(cost + i * m, q, m, scale, k_row);
+                                     T* __restrict error, T* __restrict K, T* __restrict KT, T* __restrict u,
+                                     T* __restrict p_next, T* __restrict row_sums, T* __restrict alpha,
+                                     T* __restrict block, T* __restrict col_sums) {
+  if (beta == nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const auto [shift, sum] = row_exp2(cost + i * m, q, m, scale, K + i * m);
       u[i] = shift;
       row_sums[i] = sum;
-    } else {
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < m; ++j) sum += k_row[j] * beta[j];
-      if (!(sum >= row_bound)) return false;
-      row_sums[i] = sum;
     }
+    transpose(K, n, m, KT);
+  } else {
+    sum_scaled_rows<1>(KT, {beta}, m, n, {row_sums}, block);
+    int64_t failed = 0;
+#pragma omp simd reduction(+ : failed)
+    for (int64_t i = 0; i < n; ++i) failed += !(row_sums[i] >= row_bound);
+    if (failed > 0) return false;
   }
-  *error = 0;
+  T row_error = 0;
+#pragma omp simd reduction(+ : row_error)
   for (int64_t i = 0; i < n; ++i) {
-    const T lse = u[i] + std::log2(row_sums[i]);
-    if (want_error) *error += std::abs(std::exp2(p[i] + lse) - a[i]);
+    const T lse = u[i] + fast_log2(row_sums[i]);
+    row_error += std::abs(fast_exp2(p[i] + lse) - a[i]);
     p_next[i] = log2_a[i] - lse;
     // Zero-mass rows add nothing (a degenerate row sum 0 makes A_j NaN: recomputed, see above).
-    alpha[i] = a[i] > 0 ? static_cast<T>(std::exp2(double(p_next[i]) + double(u[i]))) : T(0);  // exact sum
+    alpha[i] = a[i] > 0 ? static_cast<T>(fast_exp2(double(p_next[i]) + double(u[i]))) : T(0);  // exact sum
   }
-  std::fill(col_sums, col_sums + m, T(0));
-  std::fill(block, block + m, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    if (alpha[i] != 0) {
-      const T* __restrict k_row = K + i * m;
-      const T alpha_i = alpha[i];
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) block[j] += alpha_i * k_row[j];
-    }
-    flush_row_block(i, n, m, block, col_sums);
-  }
+  *error = want_error ? row_error : T(0);
+  sum_scaled_rows<1>(K, {alpha}, n, m, {col_sums}, block);
   return true;
 }
 
-// Backward sweep 1 of iteration t: the column sums col_sums_j = sum_i K_ij x_i (the normalisers of Pc, rows with
-// mass only) and the row sums row_sums_i = sum_j K_ij z_j (of Pr). With x null it rebuilds the cache first,
-// K_ij = exp2(p_i + col_shift_j - s C_ij) (so u = -p, w = col_shift, x = 1). block (m) is scratch.
+// The forward column half-step from the cached column sums: q_j = log2 b_j + w_j - log2 A_j (the caller redoes
+// the columns whose A_j fails the underflow test).
+template <typename T>
+S2DC_TARGET_CLONES void column_potentials(const T* __restrict log2_b, const T* __restrict w,
+                                          const T* __restrict col_sums, int64_t m, T* __restrict q) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) q[j] = log2_b[j] + w[j] - fast_log2(col_sums[j]);
+}
+
+// Backward sweep 1 of iteration t: the column sums col_sums_j = sum_i x_i K_ij, the normalisers of Pc. With rebuild
+// it first rebuilds the cache, K_ij = exp2(p_i + col_shift_j - s C_ij) for rows with mass and 0 for the others (so
+// u = -p, w = col_shift; the caller sets x = 1), and its transpose KT. block (max(n, m)) is scratch.
 template <typename T>
 S2DC_TARGET_CLONES void backward_sums(const T* __restrict cost, int64_t n, int64_t m, T scale,
                                       const T* __restrict p, const T* __restrict log2_a,
-                                      const T* __restrict col_shift, const T* __restrict x,
-                                      const T* __restrict z, T* __restrict K, T* __restrict block,
-                                      T* __restrict col_sums, T* __restrict row_sums) {
-  std::fill(col_sums, col_sums + m, T(0));
-  std::fill(block, block + m, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    T* __restrict k_row = K + i * m;
-    T row_sum = 0;
-    if (log2_a[i] != -kInf<T>) {
-      if (x == nullptr) {
-        const T* __restrict c = cost + i * m;
-        const T pi = p[i];
-#pragma omp simd reduction(+ : row_sum)
-        for (int64_t j = 0; j < m; ++j) {
-          const T k = fast_exp2(pi + col_shift[j] - scale * c[j]);
-          k_row[j] = k;
-          block[j] += k;
-          row_sum += k * z[j];
-        }
-      } else {
-        const T xi = x[i];
-#pragma omp simd reduction(+ : row_sum)
-        for (int64_t j = 0; j < m; ++j) {
-          block[j] += k_row[j] * xi;
-          row_sum += k_row[j] * z[j];
-        }
+                                      const T* __restrict col_shift, bool rebuild, const T* __restrict x,
+                                      T* __restrict K, T* __restrict KT, T* __restrict block,
+                                      T* __restrict col_sums) {
+  if (rebuild) {
+    for (int64_t i = 0; i < n; ++i) {
+      T* __restrict k_row = K + i * m;
+      if (log2_a[i] == -kInf<T>) {
+        std::fill(k_row, k_row + m, T(0));
+        continue;
       }
+      const T* __restrict c = cost + i * m;
+      const T pi = p[i];
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) k_row[j] = fast_exp2(pi + col_shift[j] - scale * c[j]);
     }
-    row_sums[i] = row_sum;
-    flush_row_block(i, n, m, block, col_sums);
+    transpose(K, n, m, KT);
   }
+  sum_scaled_rows<1>(K, {x}, n, m, {col_sums}, block);
 }
 
-// Backward sweep 2 of iteration t, with Pc_ij = K_ij x_i col_norm_j (x_i = 1 when x is null) and
-// Pr_ij = K_ij z_j / row_sums_i, or softmax_j(q'_j - s C_ij) evaluated directly when row_sums_i fails row_bound.
-// With G the adjoint of g^t: F_i -= sum_j G_j Pc_ij (dg_j/df_i = -Pc_ij; F_i is then the adjoint of f^t),
-// grad_log_a_i += eps F_i, grad_C_ij += G_j Pc_ij + F_i Pr_ij (dg_j/dC_ij = Pc_ij, df_i/dC_ij = Pr_ij), and
-// G_prev_j -= sum_i F_i Pr_ij (df_i/dg'_j = -Pr_ij), G_prev zeroed here. Two passes over the rows (F first, then the
-// updates) keep the per-row scalars off the update's critical path. gc (m), weights (m) and block (m) are scratch.
+// Backward sweep 2 of iteration t, with Pc_ij = K_ij x_i col_norm_j and Pr_ij = K_ij z_j / row_sums_i (row_sums_i =
+// sum_j K_ij z_j), or softmax_j(q'_j - s C_ij) evaluated directly when row_sums_i fails row_bound. With G the
+// adjoint of g^t: F_i -= sum_j G_j Pc_ij (dg_j/df_i = -Pc_ij; F_i is then the adjoint of f^t), grad_log_a_i +=
+// eps F_i, grad_C_ij += G_j Pc_ij + F_i Pr_ij (dg_j/dC_ij = Pc_ij, df_i/dC_ij = Pr_ij), and G_prev_j = -sum_i F_i
+// Pr_ij (df_i/dg'_j = -Pr_ij). Rows without mass have Pc = Pr = 0. The sums over the cache are products with KT (the
+// two row sums in one pass) and K as sums of scaled rows; the update of grad_C is then elementwise. gc (m),
+// row_sums (n), row_terms (n), z_finite (m), direct (m) and block (2 max(n, m)) are scratch.
 template <typename T>
 S2DC_TARGET_CLONES void adjoint_rows(const T* __restrict cost, int64_t n, int64_t m, T scale, T eps,
-                                     const T* __restrict log2_a, const T* __restrict K, const T* __restrict x,
-                                     const T* __restrict col_norm, const T* __restrict z,
-                                     const T* __restrict row_sums, T row_bound, const T* __restrict q_prev,
-                                     const T* __restrict G, T* __restrict F, T* __restrict gc,
-                                     T* __restrict weights, T* __restrict grad_cost, T* __restrict grad_log_a,
-                                     T* __restrict block, T* __restrict G_prev) {
+                                     const T* __restrict log2_a, const T* __restrict K, const T* __restrict KT,
+                                     const T* __restrict x, const T* __restrict col_norm, const T* __restrict z,
+                                     T row_bound, const T* __restrict q_prev, const T* __restrict G,
+                                     T* __restrict F, T* __restrict gc, T* __restrict row_sums,
+                                     T* __restrict row_terms, T* __restrict z_finite, T* __restrict direct, T* __restrict grad_cost,
+                                     T* __restrict grad_log_a, T* __restrict block, T* __restrict G_prev) {
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) gc[j] = G[j] * col_norm[j];
+  sum_scaled_rows<2>(KT, {z, gc}, m, n, {row_sums, row_terms}, block);  // sum_j K_ij z_j, sum_j K_ij gc_j
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    if (log2_a[i] != -kInf<T>) {  // zero-mass rows have Pc = Pr = 0
-      const T* __restrict k_row = K + i * m;
-      T g_pc = 0;
-#pragma omp simd reduction(+ : g_pc)
-      for (int64_t j = 0; j < m; ++j) g_pc += k_row[j] * gc[j];
-      F[i] -= (x == nullptr ? T(1) : x[i]) * g_pc;
-    }
+    const bool mass = log2_a[i] != -kInf<T>;
+    F[i] -= mass ? x[i] * row_terms[i] : T(0);
     grad_log_a[i] += eps * F[i];
+    const bool cached = row_sums[i] >= row_bound && row_sums[i] < kInf<T>;
+    row_terms[i] = mass && cached ? F[i] / row_sums[i] : T(0);  // F_i / row_sums_i: Pr from the cache
   }
+  // z with its infinite factors as 0: a row whose Pr weighs such a column has an infinite or NaN row sum, so it is
+  // evaluated directly, and the cached rows have K_ij = 0 there.
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) z_finite[j] = z[j] < kInf<T> ? z[j] : T(0);
+  const T* __restrict zs = z_finite;
+  // One pass over K, four rows at a time: grad_C_ij += K_ij (x_i gc_j + h_i zs_j) and G_prev_j = -zs_j sum_i h_i K_ij
+  // (h_i = row_terms_i, 0 for the rows evaluated directly; rows without mass have K_ij = 0), cascaded as in
+  // sum_scaled_rows.
   std::fill(G_prev, G_prev + m, T(0));
-  std::fill(block, block + m, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    if (log2_a[i] != -kInf<T>) {
-      const T* __restrict k_row = K + i * m;
-      const T* __restrict c = cost + i * m;
-      T* __restrict grad_c = grad_cost + i * m;
-      const T xi = x == nullptr ? T(1) : x[i];
-      const T row_sum = row_sums[i];
-      if (row_sum >= row_bound && row_sum < kInf<T>) {
-        const T f_over_sum = F[i] / row_sum;
+  for (int64_t first = 0; first < n; first += kRowBlock) {
+    const int64_t end = std::min(n, first + kRowBlock);
+    std::fill(block, block + m, T(0));
+    int64_t i = first;
+    for (; i + 4 <= end; i += 4) {
+      const T* __restrict k0 = K + i * m;
+      const T* __restrict k1 = k0 + m;
+      const T* __restrict k2 = k1 + m;
+      const T* __restrict k3 = k2 + m;
+      T* __restrict g0 = grad_cost + i * m;
+      T* __restrict g1 = g0 + m;
+      T* __restrict g2 = g1 + m;
+      T* __restrict g3 = g2 + m;
+      const T x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+      const T h0 = row_terms[i], h1 = row_terms[i + 1], h2 = row_terms[i + 2], h3 = row_terms[i + 3];
 #pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          const T f_pr = f_over_sum * (k_row[j] * z[j]);
-          grad_c[j] += xi * k_row[j] * gc[j] + f_pr;
-          block[j] -= f_pr;
-        }
-      } else {
-        const T f_over_sum = F[i] / row_exp2(c, q_prev, m, scale, weights).second;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          const T f_pr = f_over_sum * weights[j];
-          grad_c[j] += xi * k_row[j] * gc[j] + f_pr;
-          block[j] -= f_pr;
-        }
+      for (int64_t j = 0; j < m; ++j) {
+        block[j] += (h0 * k0[j] + h1 * k1[j]) + (h2 * k2[j] + h3 * k3[j]);
+        g0[j] += k0[j] * (x0 * gc[j] + h0 * zs[j]);
+        g1[j] += k1[j] * (x1 * gc[j] + h1 * zs[j]);
+        g2[j] += k2[j] * (x2 * gc[j] + h2 * zs[j]);
+        g3[j] += k3[j] * (x3 * gc[j] + h3 * zs[j]);
       }
     }
-    flush_row_block(i, n, m, block, G_prev);
+    for (; i < end; ++i) {
+      const T* __restrict k0 = K + i * m;
+      T* __restrict g0 = grad_cost + i * m;
+      const T x0 = x[i], h0 = row_terms[i];
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) {
+        block[j] += h0 * k0[j];
+        g0[j] += k0[j] * (x0 * gc[j] + h0 * zs[j]);
+      }
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) G_prev[j] += block[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) G_prev[j] *= -zs[j];
+  // The rows evaluated directly: their Pr part, from C.
+  for (int64_t i = 0; i < n; ++i) {
+    if (log2_a[i] == -kInf<T> || (row_sums[i] >= row_bound && row_sums[i] < kInf<T>)) continue;
+    const T f_over_sum = F[i] / row_exp2(cost + i * m, q_prev, m, scale, direct).second;
+    T* __restrict grad_c = grad_cost + i * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      grad_c[j] += f_over_sum * direct[j];
+      G_prev[j] -= f_over_sum * direct[j];
+    }
   }
 }
 
@@ -302,8 +379,8 @@ int64_t sinkhorn_forward(const SinkhornProblem<T>& problem, int64_t n_iters, T t
   const int64_t n = b2.n, m = b2.m;
   const T to_cost = problem.eps / T(kLog2e);  // f = p eps ln 2
   const T col_bound = underflow_bound(std::accumulate(b2.a.begin(), b2.a.end(), T(0)));
-  std::vector<T> p(n, T(0)), p_next(n), q(m, T(0)), K(n * m), u(n), w(m), beta(m), row_sums(n), alpha(n), block(m),
-      col_sums(m);
+  std::vector<T> p(n, T(0)), p_next(n), q(m, T(0)), K(n * m), KT(n * m), u(n), w(m), beta(m), row_sums(n), alpha(n),
+      block(std::max(n, m)), col_sums(m);
   bool cached = false;
   int64_t done = 0;
   for (int64_t t = 1; t <= n_iters; ++t) {
@@ -311,11 +388,11 @@ int64_t sinkhorn_forward(const SinkhornProblem<T>& problem, int64_t n_iters, T t
     T error = 0;
     const auto rows = [&](const T* factors, T row_bound) {
       return forward_rows(b2.cost, n, m, b2.scale, q.data(), factors, row_bound, b2.a.data(), b2.log2_a.data(),
-                          p.data(), check, &error, K.data(), u.data(), p_next.data(), row_sums.data(),
+                          p.data(), check, &error, K.data(), KT.data(), u.data(), p_next.data(), row_sums.data(),
                           alpha.data(), block.data(), col_sums.data());
     };
     cached = cached && rescaling_factors(q.data(), w.data(), m, beta.data()) &&
-             rows(beta.data(), underflow_bound(std::accumulate(beta.begin(), beta.end(), T(0))));
+             rows(beta.data(), underflow_bound(sum_of(beta.data(), m)));
     if (!cached) {
       rows(nullptr, T(0));
       w = q;
@@ -323,10 +400,11 @@ int64_t sinkhorn_forward(const SinkhornProblem<T>& problem, int64_t n_iters, T t
     }
     if (check && error < tol) break;
     std::swap(p, p_next);
+    column_potentials(b2.log2_b.data(), w.data(), col_sums.data(), m, q.data());
     for (int64_t j = 0; j < m; ++j) {
-      const bool accurate = col_sums[j] > 0 && col_sums[j] >= col_bound;
-      q[j] = accurate ? b2.log2_b[j] + w[j] - std::log2(col_sums[j])
-                      : b2.log2_b[j] - column_lse2(b2.cost, n, m, b2.scale, p.data(), j);
+      if (!(col_sums[j] > 0 && col_sums[j] >= col_bound)) {
+        q[j] = b2.log2_b[j] - column_lse2(b2.cost, n, m, b2.scale, p.data(), j);
+      }
     }
     done = t;
     T* f_t = f_hist + (t - 1) * n;
@@ -351,8 +429,8 @@ void sinkhorn_backward(const SinkhornProblem<T>& problem, const T* f_hist, const
   // F, G: adjoints of f^t, g^t (G_prev receives that of g^(t-1)); p = f^t s, q_prev = g^(t-1) s; the cache K with
   // its row and column terms u = -p, w = col_shift of the iteration that built it; col_norm: the column sums of
   // Pc, then their inverses.
-  std::vector<T> F(n), G(grad_g, grad_g + m), G_prev(m), p(n), col_shift(m), q_prev(m), K(n * m), minus_u(n), w(m),
-      x(n), z(m), col_norm(m), row_sums(n), gc(m), weights(m), block(m);
+  std::vector<T> F(n), G(grad_g, grad_g + m), G_prev(m), p(n), col_shift(m), q_prev(m), K(n * m), KT(n * m),
+      minus_u(n), w(m), x(n), z(m), col_norm(m), row_sums(n), gc(m), row_terms(n), z_finite(m), direct(m), block(2 * std::max(n, m));
   bool cached = false;
   for (int64_t t = n_done; t >= 1; --t) {
     const T* f_t = f_hist + (t - 1) * n;
@@ -366,28 +444,30 @@ void sinkhorn_backward(const SinkhornProblem<T>& problem, const T* f_hist, const
       q_prev[j] = t > 1 ? b2.scale * g_hist[(t - 2) * m + j] : T(0);
       grad_log_b[j] += eps * G[j];
     }
+    const auto sums = [&](bool rebuild) {
+      backward_sums(b2.cost, n, m, b2.scale, p.data(), b2.log2_a.data(), col_shift.data(), rebuild, x.data(),
+                    K.data(), KT.data(), block.data(), col_norm.data());
+    };
     cached = cached && rescaling_factors(p.data(), minus_u.data(), n, x.data()) &&
              rescaling_factors(q_prev.data(), w.data(), m, z.data());
     if (cached) {
-      backward_sums(b2.cost, n, m, b2.scale, p.data(), b2.log2_a.data(), col_shift.data(), x.data(), z.data(),
-                    K.data(), block.data(), col_norm.data(), row_sums.data());
-      const T col_bound = underflow_bound(std::accumulate(x.begin(), x.end(), T(0)));
+      sums(false);
+      const T col_bound = underflow_bound(sum_of(x.data(), n));
       for (int64_t j = 0; j < m && cached; ++j) cached = col_shift[j] == -kInf<T> || col_norm[j] >= col_bound;
     }
-    const bool rebuild = !cached;
-    if (rebuild) {  // out-of-range z (t = 1 with zero-mass columns) fail the row sums below: direct Pr
+    if (!cached) {  // out-of-range z (t = 1 with zero-mass columns) fail the row sums below: direct Pr
       minus_u = p;
       w = col_shift;
+      std::fill(x.begin(), x.end(), T(1));
       rescaling_factors(q_prev.data(), w.data(), m, z.data());
-      backward_sums<T>(b2.cost, n, m, b2.scale, p.data(), b2.log2_a.data(), col_shift.data(), nullptr, z.data(),
-                       K.data(), block.data(), col_norm.data(), row_sums.data());
+      sums(true);
       cached = true;
     }
     for (int64_t j = 0; j < m; ++j) col_norm[j] = col_norm[j] > 0 ? T(1) / col_norm[j] : T(0);  // 0: no mass
-    const T row_bound = underflow_bound(std::accumulate(z.begin(), z.end(), T(0)));
-    adjoint_rows(b2.cost, n, m, b2.scale, eps, b2.log2_a.data(), K.data(), rebuild ? nullptr : x.data(),
-                 col_norm.data(), z.data(), row_sums.data(), row_bound, q_prev.data(), G.data(), F.data(), gc.data(),
-                 weights.data(), grad_cost, grad_log_a, block.data(), G_prev.data());
+    const T row_bound = underflow_bound(sum_of(z.data(), m));
+    adjoint_rows(b2.cost, n, m, b2.scale, eps, b2.log2_a.data(), K.data(), KT.data(), x.data(), col_norm.data(),
+                 z.data(), row_bound, q_prev.data(), G.data(), F.data(), gc.data(), row_sums.data(),
+                 row_terms.data(), z_finite.data(), direct.data(), grad_cost, grad_log_a, block.data(), G_prev.data());
     std::swap(G, G_prev);
   }
 }

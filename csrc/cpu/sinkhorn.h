@@ -1,5 +1,5 @@
 // Fused log-domain Sinkhorn on the CPU: forward and unrolled backward of one problem per call, on one thread
-// (the binding runs the problems of a batch in parallel), with an n x m scratch per call. Torch-free (raw
+// (the binding runs the problems of a batch in parallel), with two n x m scratches per call. Torch-free (raw
 // pointers), so the C++ unit tests link it without libtorch.
 #pragma once
 

@@ -1,7 +1,7 @@
 // Unit tests of the fused CPU Sinkhorn (csrc/cpu/sinkhorn.cpp): it must match a naive double-precision loop
 // written straight from the definition, forward and backward, in float and double, on small odd shapes with
 // zero-mass rows/columns, the tol stop, and the inputs that take its guarded paths; the naive backward itself is
-// checked against finite differences, and fast_exp2 against std::exp2.
+// checked against finite differences, and fast_exp2 / fast_log2 against std::exp2 / std::log2.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/exp2.h"
+#include "cpu/vector_math.h"
 #include "cpu/sinkhorn.h"
 
 namespace {
@@ -284,6 +284,33 @@ double tol_stopping_near(const Case& c, int64_t iteration) {
   return std::sqrt(before * after);
 }
 
+// Tracks the worst error of a function in units of the last place of the exact result (plus `floor`, an absolute
+// allowance), and reports it when it exceeds 1.5.
+template <typename T>
+struct UlpCheck {
+  std::string name;
+  long double floor = 0;
+  double worst = 0.0;
+  T worst_x = 0;
+
+  void add(T x, long double got, long double want) {
+    const T want_t = static_cast<T>(want);
+    const long double ulp = std::nextafter(want_t, std::numeric_limits<T>::infinity()) - want_t;
+    const double err = static_cast<double>(std::abs(got - want) / (ulp + floor));
+    if (!(err <= worst)) {
+      worst = err;
+      worst_x = x;
+    }
+  }
+
+  void report() const {
+    if (!(worst < 1.5)) {
+      std::printf("FAIL %s: %.3g ulp at x = %.9g\n", name.c_str(), worst, double(worst_x));
+      ++failures;
+    }
+  }
+};
+
 // fast_exp2 against std::exp2 in long double: within 1.5 ulp over its range (about 1 with FMA), exact powers of
 // two, the special values.
 template <typename T>
@@ -291,23 +318,12 @@ void test_fast_exp2() {
   using E = s2dc::cpu::Exp2Traits<T>;
   const std::string name = sizeof(T) == 4 ? "fast_exp2<float>" : "fast_exp2<double>";
   const int64_t samples = 1 << 20;
-  double worst_ulp = 0.0;
-  T worst_x = 0;
+  UlpCheck<T> check{name};
   for (int64_t k = 0; k <= samples; ++k) {
     const T x = T(E::kMinExponent + (127.0 - E::kMinExponent) * double(k) / samples);
-    const long double want = std::exp2(static_cast<long double>(x));
-    const T want_t = static_cast<T>(want);
-    const long double ulp = std::nextafter(want_t, std::numeric_limits<T>::infinity()) - want_t;
-    const double err = static_cast<double>(std::abs(static_cast<long double>(s2dc::cpu::fast_exp2(x)) - want) / ulp);
-    if (!(err <= worst_ulp)) {
-      worst_ulp = err;
-      worst_x = x;
-    }
+    check.add(x, s2dc::cpu::fast_exp2(x), std::exp2(static_cast<long double>(x)));
   }
-  if (!(worst_ulp < 1.5)) {
-    std::printf("FAIL %s: %.3g ulp at x = %.9g\n", name.c_str(), worst_ulp, double(worst_x));
-    ++failures;
-  }
+  check.report();
   const T inf = std::numeric_limits<T>::infinity();
   for (int k = -120; k <= 120; ++k) expect(s2dc::cpu::fast_exp2(T(k)) == std::ldexp(T(1), k), name + ": 2^k exact");
   expect(s2dc::cpu::fast_exp2(-inf) == T(0), name + ": exp2(-inf) = 0");
@@ -316,11 +332,38 @@ void test_fast_exp2() {
   expect(std::isnan(s2dc::cpu::fast_exp2(std::numeric_limits<T>::quiet_NaN())), name + ": exp2(NaN) = NaN");
 }
 
+// fast_log2 against std::log2 in long double: within 1.5 ulp (plus an absolute 1 ulp of 1/2 near x = 1, where the
+// result is tiny) from the smallest subnormal to the largest float, exact powers of two, the special values.
+template <typename T>
+void test_fast_log2() {
+  const std::string name = sizeof(T) == 4 ? "fast_log2<float>" : "fast_log2<double>";
+  const int64_t samples = 1 << 20;
+  const double lo = std::log2(double(std::numeric_limits<T>::denorm_min()));
+  const double hi = std::log2(double(std::numeric_limits<T>::max()));
+  UlpCheck<T> check{name, std::numeric_limits<T>::epsilon() / 4};
+  for (int64_t k = 0; k <= samples; ++k) {
+    // Log-uniform over the whole range, plus a dense sweep of [1/2, 2] where the series does its work.
+    const double t = double(k) / samples;
+    for (const T x : {T(std::exp2(lo + (hi - lo) * t)), T(0.5 + 1.5 * t)}) {
+      check.add(x, s2dc::cpu::fast_log2(x), std::log2(static_cast<long double>(x)));
+    }
+  }
+  check.report();
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int k = -140; k <= 120; ++k) expect(s2dc::cpu::fast_log2(std::ldexp(T(1), k)) == T(k), name + ": log2 2^k exact");
+  expect(s2dc::cpu::fast_log2(T(0)) == -inf, name + ": log2(0) = -inf");
+  expect(s2dc::cpu::fast_log2(inf) == inf, name + ": log2(inf) = inf");
+  expect(std::isnan(s2dc::cpu::fast_log2(T(-1))), name + ": log2(-1) = NaN");
+  expect(std::isnan(s2dc::cpu::fast_log2(std::numeric_limits<T>::quiet_NaN())), name + ": log2(NaN) = NaN");
+}
+
 }  // namespace
 
 int main() {
   test_fast_exp2<float>();
   test_fast_exp2<double>();
+  test_fast_log2<float>();
+  test_fast_log2<double>();
 
   const std::vector<Case> cases = {
       make_case("7x5", 7, 5, 0.3, 20, {}, {}, 1),
