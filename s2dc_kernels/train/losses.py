@@ -36,7 +36,8 @@ def _kernel_op(ops: str, name: str):
 
 
 def _problems(q: Tensor, k: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Check the token-loss inputs; return q, k as (B*Z, N, d) and the bool positive mask (B*Z, N, N)."""
+    """Check the token-loss inputs; return q, k as (B*Z, N, d) and the positive mask as 0/1 weights
+    (B, 1, N, N) in q's dtype (shared by the Z layers of a volume, broadcast rather than copied)."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(
             f"q and k must be (B, Z, N, d) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
@@ -46,14 +47,25 @@ def _problems(q: Tensor, k: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tens
         raise ValueError(
             f"truth must be (B, N, N) = {(B, N, N)} for q {tuple(q.shape)}, got {tuple(truth.shape)}"
         )
-    positive = (truth > 0.5)[:, None].expand(B, Z, N, N).reshape(B * Z, N, N)
+    positive = (truth > 0.5).to(q.dtype)[:, None]
     return q.reshape(B * Z, N, d), k.reshape(B * Z, N, d), positive
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of values over the True entries of mask, per problem (dims -2, -1); 0 where mask is empty."""
-    total = torch.where(mask, values, 0.0).sum((-2, -1))
-    return total / mask.sum((-2, -1)).clamp_min(1)
+def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """Mean of values (B*Z, N, N) over the entries where the 0/1 weights (B, 1, N, N) are 1, per problem
+    -> (B*Z,); 0 where there are none. values must be finite (a product with the weights, cheaper than a
+    select)."""
+    B = weights.shape[0]
+    total = (values.view(B, -1, *values.shape[-2:]) * weights).sum((-2, -1))
+    return (total / weights.sum((-2, -1)).clamp_min(1)).reshape(-1)
+
+
+def _sharpness(affinity: Tensor, dim: int) -> Tensor:
+    """(max - mean) / std of affinity along dim, unbiased std (two passes: several times faster than torch.std
+    on the CPU, same gradient)."""
+    mean = affinity.mean(dim, keepdim=True)
+    std = ((affinity - mean).square().sum(dim) / (affinity.shape[dim] - 1)).sqrt()
+    return (affinity.max(dim).values - mean.squeeze(dim)) / std
 
 
 class P2PLoss(nn.Module):
@@ -80,7 +92,7 @@ class P2PLoss(nn.Module):
         log_plan = self.log_optimal_transport(scores, self.alpha, self.n_iters)
         plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
         loss_pos = _masked_mean(-torch.log(plan), positive)
-        loss_neg = _masked_mean(-torch.log(1 - plan), ~positive)
+        loss_neg = _masked_mean(-torch.log(1 - plan), 1 - positive)
         return (loss_pos + loss_neg).mean()
 
 
@@ -103,12 +115,14 @@ class P2SLoss(nn.Module):
         """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
         q, k, positive = _problems(q, k, truth)
         affinity = (1 + q @ k.transpose(1, 2)) / 2  # (P, N, N), rows n = source, columns m = teacher
-        col_sharpness = (affinity.max(1).values - affinity.mean(1)) / affinity.std(1)  # (P, M)
-        row_sharpness = (affinity.max(2).values - affinity.mean(2)) / affinity.std(2)  # (P, N)
+        col_sharpness = _sharpness(affinity, 1)  # (P, M)
+        row_sharpness = _sharpness(affinity, 2)  # (P, N)
         weights = F.softmax(col_sharpness, -1)[:, None, :] + F.softmax(row_sharpness, -1)[:, :, None]
         affinity = affinity.clamp(CLAMP, 1 - CLAMP)
-        loss_pos = torch.where(positive, -torch.log(affinity) * weights, 0.0).sum((-2, -1)) / 2
-        loss_neg = _masked_mean(-torch.log(1 - affinity), ~positive)
+        B, N = positive.shape[0], affinity.shape[-1]
+        weighted = (-torch.log(affinity) * weights).view(B, -1, N, N) * positive
+        loss_pos = weighted.sum((-2, -1)).reshape(-1) / 2
+        loss_neg = _masked_mean(-torch.log(1 - affinity), 1 - positive)
         return (loss_pos + loss_neg).mean()
 
 
