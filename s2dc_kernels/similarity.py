@@ -202,6 +202,8 @@ def knn(
             O(B N k); larger k and fp64: row blocks scored against all of y in a 64 MB scratch and
             torch.topk). In "cpp" and "triton", l2 neighbours are ranked by the GEMM expansion of the
             distance, so pairs whose distances differ by rounding may swap; the values are exact.
+            float16 / bfloat16 are computed in float32 (the Triton kernels load them as they are and
+            accumulate in fp32; "torch" on CUDA tensors runs the reference in the input dtype).
 
     Returns:
         values (B, N, k) or (N, k) in x's dtype, and int64 indices into y's rows of the same shape.
@@ -219,10 +221,17 @@ def knn(
         what = f"M - 1 = {available} with exclude_self" if exclude_self else f"M = {m}"
         raise ValueError(f"k must be at most the number of candidate neighbours ({what}), got {k}")
     backend = resolve_backend(backend, op="knn", device=device, supported=KNN_BACKENDS)
+    dtype = x.dtype
+    if device.type == "cpu" and backend != "triton" and dtype in (torch.float16, torch.bfloat16):
+        # No half kernels on CPU (knn_forward, cdist): float32 scores and values (differentiable casts),
+        # the values rounded to the input dtype at the end. Triton takes fp16 / bf16 itself.
+        x, y = x.float(), None if y is None else y.float()
     if backend == "torch":
-        return reference.knn(x, y, k=k, metric=metric, exclude_self=exclude_self)
-    select = knn_select if backend == "cpp" else knn_select_triton
-    return _knn_fused(select, x, y, k=k, metric=metric, exclude_self=exclude_self)
+        values, indices = reference.knn(x, y, k=k, metric=metric, exclude_self=exclude_self)
+    else:
+        select = knn_select if backend == "cpp" else knn_select_triton
+        values, indices = _knn_fused(select, x, y, k=k, metric=metric, exclude_self=exclude_self)
+    return values.to(dtype), indices
 
 
 @torch.library.custom_op("s2dc::knn_select", mutates_args=())
@@ -259,8 +268,8 @@ def _knn_fused(
     select, x: torch.Tensor, y: torch.Tensor | None, *, k: int, metric: str, exclude_self: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """knn on a fused backend ("cpp": knn_select, "triton": knn_select_triton): indices (and values) from the
-    kernel; differentiable values recomputed from the chosen pairs (reference.knn_values) when x or y
-    requires grad."""
+    kernel; differentiable values recomputed from the chosen pairs (reference.knn_values, in float32 for
+    float16 / bfloat16 inputs) when x or y requires grad. The caller casts the values to the input dtype."""
     batched = x.dim() == 3
     x3 = (x if batched else x.unsqueeze(0)).detach()
     y3 = None if y is None else (y if batched else y.unsqueeze(0)).detach()
@@ -268,6 +277,8 @@ def _knn_fused(
     if not batched:
         values, indices = values.squeeze(0), indices.squeeze(0)
     if torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad)):
+        if x.dtype in (torch.float16, torch.bfloat16):  # float32 like the kernels (differentiable casts)
+            x, y = x.float(), None if y is None else y.float()
         values = reference.knn_values(x, y, indices, metric)
     return values, indices
 
@@ -398,6 +409,16 @@ def neighborhood_consistency_fused(
     return loss.to(dtype)
 
 
+def _nc_triton_unsupported(student: Tensor) -> str | None:
+    """Why the fused Triton L_nc cannot take student (B, N, D) / (N, D), or None."""
+    from s2dc_kernels.triton_kernels.neighborhood import MAX_N
+
+    n = student.shape[-2]
+    if n > MAX_N:
+        return f"its kernels hold a problem's rows in registers: N <= {MAX_N}, got N = {n} (use 'torch')"
+    return None
+
+
 def neighborhood_consistency(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -427,7 +448,8 @@ def neighborhood_consistency(
         mask: None (all patches valid) or a bool tensor of shape (B, N) / (N,), True = matched patch.
         backend: "auto", "torch" (the reference), "cpp" (CPU tensors: fused C++ forward and backward,
             multi-threaded, at most one N x N tile per thread) or "triton" (one program per problem and
-            16-row block; N <= 512). The fused backends break exact ties of teacher similarity towards the
+            16-row block; N <= 512: "auto" takes the next backend of its order beyond that, an explicit
+            "triton" is a ValueError). The fused backends break exact ties of teacher similarity towards the
             smaller index; float16 / bfloat16 are computed in float32.
 
     Returns:
@@ -462,7 +484,16 @@ def neighborhood_consistency(
         raise ValueError(
             f"k must be at most the fewest valid patches in a problem minus one ({fewest_valid} - 1), got {k}"
         )
+    requested = backend
     backend = resolve_backend(backend, op="neighborhood_consistency", device=device, supported=NC_BACKENDS)
+    if backend == "triton":
+        why_not = _nc_triton_unsupported(student)
+        if why_not is not None:
+            if requested != "auto":
+                raise ValueError(f"backend='triton' for neighborhood_consistency: {why_not}")
+            # The next backend of the auto order ("torch" on CUDA tensors).
+            others = tuple(b for b in NC_BACKENDS if b != "triton")
+            backend = resolve_backend("auto", op="neighborhood_consistency", device=device, supported=others)
     if backend == "torch":
         return reference.neighborhood_consistency(student, teacher, k=k, tau_s=tau_s, tau_t=tau_t, mask=mask)
     if student.dim() == 2:

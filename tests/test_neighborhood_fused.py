@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import backend_params, require_backend
 
+import s2dc_kernels.similarity as public
+from s2dc_kernels._utils import resolve_backend
 from s2dc_kernels.reference.similarity import neighborhood_consistency as reference
 from s2dc_kernels.similarity import neighborhood_consistency_fused, neighborhood_fused
 
@@ -203,3 +205,64 @@ def test_reference_breaks_exact_teacher_ties_towards_the_smaller_index():
         log_q = torch.log_softmax(sim_s[i, order] / TAU_S, 0)
         total += (log_p.exp() * (log_p - log_q)).sum()
     torch.testing.assert_close(loss, total / 23)
+
+
+def test_auto_leaves_triton_for_problems_above_its_max_n(monkeypatch):
+    """Where "auto" picks Triton (CUDA tensors; here CPU tensors under the interpreter, with "auto" resolving
+    as on CUDA): N <= MAX_N runs Triton, N > MAX_N the next backend of the auto order (that of the other
+    backends: "torch" on CUDA, "cpp" or "torch" here) with the reference's loss; an explicit "triton" with
+    N > MAX_N is a ValueError naming the limit."""
+    require_backend("triton", "cpu")
+    from s2dc_kernels.triton_kernels.neighborhood import MAX_N
+
+    def resolve_as_on_cuda(backend, *, op, device, supported):
+        if backend == "auto" and "triton" in supported:
+            return "triton"
+        return resolve_backend(backend, op=op, device=device, supported=supported)
+
+    ran = []
+    fused = public.neighborhood_consistency_fused
+
+    def recording_fused(*args, backend, **kwargs):
+        ran.append(backend)
+        return fused(*args, backend=backend, **kwargs)
+
+    def recording_reference(*args, **kwargs):
+        ran.append("torch")
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(public, "resolve_backend", resolve_as_on_cuda)
+    monkeypatch.setattr(public, "neighborhood_consistency_fused", recording_fused)
+    monkeypatch.setattr(public.reference, "neighborhood_consistency", recording_reference)
+    others = tuple(b for b in public.NC_BACKENDS if b != "triton")
+    next_backend = resolve_backend("auto", op="nc", device=torch.device("cpu"), supported=others)
+    for n, expected_backend in [(20, "triton"), (MAX_N, None), (MAX_N + 1, next_backend)]:
+        if expected_backend is None:  # MAX_N itself: checked without running the interpreter on it
+            assert public._nc_triton_unsupported(torch.empty(1, n, 5)) is None
+            continue
+        student, teacher = torch.randn(1, n, 5), torch.randn(1, n, 5)
+        ran.clear()
+        loss = public.neighborhood_consistency(student, teacher, k=3, tau_s=TAU_S, tau_t=TAU_T)
+        assert ran == [expected_backend]
+        torch.testing.assert_close(loss, reference(student, teacher, k=3, tau_s=TAU_S, tau_t=TAU_T))
+    with pytest.raises(ValueError, match=f"N <= {MAX_N}, got N = {MAX_N + 1}"):
+        public.neighborhood_consistency(student, teacher, k=3, backend="triton")
+
+
+@pytest.mark.cuda
+def test_auto_on_cuda_above_triton_max_n_runs_the_reference():
+    """The real thing on a GPU: "auto" is Triton there, and N = MAX_N + 1 falls back to the reference
+    (float64: the same numbers), while backend="triton" raises."""
+    require_backend("triton", "cuda")
+    from s2dc_kernels.triton_kernels.neighborhood import MAX_N
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", op="nc", device=cuda, supported=public.NC_BACKENDS) == "triton"
+    student = torch.randn(2, MAX_N + 1, 24, dtype=torch.float64, device="cuda", requires_grad=True)
+    teacher = torch.randn(2, MAX_N + 1, 24, dtype=torch.float64, device="cuda")
+    loss = public.neighborhood_consistency(student, teacher, k=8, tau_s=TAU_S, tau_t=TAU_T)
+    expected = reference(student, teacher, k=8, tau_s=TAU_S, tau_t=TAU_T)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(*(torch.autograd.grad(v, student)[0] for v in (loss, expected)))
+    with pytest.raises(ValueError, match=f"N <= {MAX_N}"):
+        public.neighborhood_consistency(student, teacher, k=8, backend="triton")

@@ -266,6 +266,73 @@ def test_knn_values_differentiable_only_when_asked(backend):
         assert public.knn(x, k=2, backend=backend)[0].grad_fn is None
 
 
+# Unit roundoff of the half formats (11 and 8 significant bits): rounding a value v to them moves it by at
+# most UNIT_ROUNDOFF |v|.
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize(
+    "backend, device",
+    [pytest.param("auto", "cpu", id="auto-cpu")]
+    + [p for p in backend_params(public.KNN_BACKENDS) if p.id != "torch-cuda"],  # CUDA: half reference
+)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_knn_half_inputs(backend, device, metric, dtype):
+    """fp16 / bf16 inputs: scores of the (exactly representable) half rows in float32 (CPU backends upcast,
+    Triton accumulates in fp32), values returned in the input dtype. Against the reference on the float32
+    upcast: the values within their rounding to the half dtype (rtol = unit roundoff) plus the float32 error
+    of scores of size <~ 10 (atol 1e-5); the indices agree up to ties (the float64 scores of the chosen
+    pairs are the float64 top-k; Triton's l2 ranking swaps pairs closer than the half rounding). The
+    gradients are float32 ones (at the returned pairs) rounded once to the half dtype."""
+    if backend != "auto":
+        require_backend(backend, device)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly (this case runs on the GPU)")
+    tol = {"rtol": UNIT_ROUNDOFF[dtype], "atol": 1e-5}
+    x = on(device, 2, 13, 7, seed=60, dtype=dtype).requires_grad_()
+    y = on(device, 2, 10, 7, seed=61, dtype=dtype).requires_grad_()
+    for other, exclude_self, k in [(y, False, 4), (None, True, 5)]:
+        values, indices = public.knn(x, other, k=k, metric=metric, exclude_self=exclude_self, backend=backend)
+        assert values.dtype == dtype and indices.dtype == torch.int64
+        inputs = (x, y) if other is not None else (x,)
+        upcast = [t.detach().float().cpu().requires_grad_() for t in inputs]
+        x32, y32 = upcast[0], upcast[1] if other is not None else None
+        expected, _ = reference.knn(x32, y32, k=k, metric=metric, exclude_self=exclude_self)
+        assert_close(values.float().cpu(), expected.detach(), **tol)
+        with torch.no_grad():  # the kernels' own values (with grad: recomputed from the chosen pairs)
+            kernel_values, _ = public.knn(
+                x, other, k=k, metric=metric, exclude_self=exclude_self, backend=backend
+            )
+        assert_close(kernel_values.float().cpu(), expected.detach(), **tol)
+        x64, y64 = x32.detach().double(), None if y32 is None else y32.detach().double()
+        chosen = reference.knn_values(x64, y64, indices.cpu(), metric)
+        best, _ = reference.knn(x64, y64, k=k, metric=metric, exclude_self=exclude_self)
+        if backend == "triton" and metric == "l2":
+            # Ranked by 2 x'.y' - |y'|^2 of the rows centred on y's mean c and rounded to the half dtype
+            # (relative error <= u each): the scores move by at most e_i = (2u + u^2) max_j (2 |x'_i| |y'_j|
+            # + |y'_j|^2) (+ the float32 error), so a swapped pair's squared distances differ by <= 2 e_i.
+            u = UNIT_ROUNDOFF[dtype]
+            rows = x64 if y64 is None else y64
+            centre = rows.mean(dim=-2, keepdim=True)
+            x_norm, y_norm = (x64 - centre).norm(dim=-1), (rows - centre).norm(dim=-1)
+            moved = (2 * x_norm[..., :, None] * y_norm[..., None, :] + y_norm[..., None, :] ** 2).amax(-1)
+            bound = 2 * ((2 * u + u * u) * moved + 1e-5)
+            assert ((chosen.square() - best.square()).abs() <= bound[..., None]).all()
+        else:
+            assert_close(chosen, best, atol=1e-5, rtol=1e-5)
+        if exclude_self:
+            assert (indices.cpu() != torch.arange(13)[:, None]).all()
+        grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(62)).to(dtype)
+        got = torch.autograd.grad(values, inputs, grad.to(device))
+        at_indices = reference.knn_values(x32, y32, indices.cpu(), metric)  # a tie may swap pairs
+        want = torch.autograd.grad(at_indices, upcast, grad.float())
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == dtype
+            scale = max(1.0, float(w.abs().max()))
+            assert_close(g.float().cpu(), w, rtol=UNIT_ROUNDOFF[dtype], atol=1e-5 * scale)
+
+
 def test_auto_backend_on_cpu_is_cpp_when_built():
     require_backend("cpp", "cpu")
     cpu = torch.device("cpu")
@@ -304,17 +371,19 @@ def test_knn_cpp_large_search_in_tiles(metric):
     float64 is the truth (its score matrix is 72 MB, the kernel keeps O(N k) plus its tiles)."""
     require_backend("cpp", "cpu")
     x = randn(1, 3000, 8, seed=38, dtype=torch.float32)
-    truth, _ = reference.knn(x.double(), k=8, metric=metric)
+    truths = {e: reference.knn(x.double(), k=8, metric=metric, exclude_self=e)[0] for e in (False, True)}
     for tiles in [(128, 2048), (37, 301)]:
-        for y, exclude in [(x, False), (x.clone(), False)]:
+        # y is x (the symmetric self search) or a copy of it (the general search), with and without (i, i).
+        for y, exclude in [(x, False), (x.clone(), False), (x, True), (x.clone(), True)]:
             values, indices = torch.ops.s2dc_C.knn_forward(x, y, 8, METRICS.index(metric), exclude, *tiles)
-            assert_close(values.double(), truth, atol=1e-5, rtol=1e-5)
+            assert_close(values.double(), truths[exclude], atol=1e-5, rtol=1e-5)
             # The exact scores of the pairs the indices point to.
             chosen = reference.knn_values(x.double(), None, indices, metric)
-            assert_close(chosen, truth, atol=1e-5, rtol=1e-5)
+            assert_close(chosen, truths[exclude], atol=1e-5, rtol=1e-5)
+            if exclude:
+                assert (indices != torch.arange(3000)[:, None]).all()
     values, indices = public.knn(x[0], k=8, metric=metric, backend="cpp", exclude_self=True)
-    truth, _ = reference.knn(x[0].double(), k=8, metric=metric, exclude_self=True)
-    assert_close(values.double(), truth, atol=1e-5, rtol=1e-5)
+    assert_close(values.double(), truths[True][0], atol=1e-5, rtol=1e-5)
     assert (indices != torch.arange(3000)[:, None]).all()
 
 
@@ -391,7 +460,13 @@ def test_fused_cosine_similarity_zero_and_tiny_rows(backend, device):
 @pytest.mark.parametrize("tf32", [False, True])
 def test_triton_cosine_similarity_precision_on_gpu(dtype, tf32, monkeypatch):
     """fp32 products are exact unless torch allows tf32 (10-bit mantissas: |error| <~ 1e-3 relative to the
-    products, so 5e-3 on unit cosines); fp16 / bf16 inputs (rounded outputs, 2^-8 relative for bf16)."""
+    products, so 5e-3 on unit cosines); fp16 / bf16 inputs (rounded outputs, 2^-8 relative for bf16).
+
+    The tf32 opt-in must be honoured both ways: the randn rows carry full 24-bit mantissas, so rounding them
+    to tf32's 11 bits (relative error up to 2^-11 per entry) moves these cosines of 768-dim rows by ~1e-5 on
+    average and ~5e-5 at most (rounding; ~1.3e-4 truncating; simulated in float64 on the CPU), while the
+    exact fp32 products stay within ~1e-7: with tf32 the largest error must exceed the fp32 tolerance 1e-5.
+    """
     require_backend("triton", "cuda")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     x, y = on("cuda", 8, 300, 768, seed=46), on("cuda", 8, 259, 768, seed=47)
@@ -400,6 +475,8 @@ def test_triton_cosine_similarity_precision_on_gpu(dtype, tf32, monkeypatch):
     assert out.dtype == dtype
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 5e-3 if tf32 else 1e-5)
     assert_close(out.double(), expected, atol=tol, rtol=tol)
+    if dtype == torch.float32 and tf32:
+        assert float((out.double() - expected).abs().max()) > 1e-5, "tf32 was allowed but not used"
 
 
 def check_triton_knn(x, y, k, metric, exclude_self):
@@ -447,18 +524,40 @@ def test_triton_knn_large_k(backend, device, metric):
     check_triton_knn(on(device, 1, 33, 6, seed=51), on(device, 1, 150, 6, seed=52), 150, metric, False)
 
 
-@pytest.mark.parametrize("backend, device", TRITON)
+def full_scores(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """The (..., N, M) score matrix by autograd-friendly formulas (no knn code): normalised products, raw
+    products or norms of all differences (gradient 0 at distance 0)."""
+    if metric == "cosine":
+        return torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(y, dim=-1).mT
+    if metric == "dot":
+        return x @ y.mT
+    return torch.linalg.vector_norm(x.unsqueeze(-2) - y.unsqueeze(-3), dim=-1)
+
+
+@pytest.mark.parametrize("backend, device", backend_params(public.KNN_BACKENDS))
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("batched", [True, False])
-def test_triton_knn_gradients_match_reference(backend, device, metric, batched):
+def test_knn_gradients_match_full_matrix(backend, device, metric, batched):
+    """float64 gradients of the k-NN values against autograd through the full score matrix gathered at
+    torch.topk's indices: independent of knn's own value recomputation, so a gradient sent to the wrong
+    input, dropped for y or with x and y swapped fails (x and y have different rows and sizes)."""
     require_backend(backend, device)
     lead = (2,) if batched else ()
     x = on(device, *lead, 13, 5, seed=53, dtype=torch.float64).requires_grad_()
     y = on(device, *lead, 11, 5, seed=54, dtype=torch.float64).requires_grad_()
     for exclude_self, other in [(False, y), (True, None)]:
         values, indices = public.knn(x, other, k=4, metric=metric, exclude_self=exclude_self, backend=backend)
-        expected, expected_indices = reference.knn(x, other, k=4, metric=metric, exclude_self=exclude_self)
+        scores = full_scores(x, x if other is None else other, metric)
+        largest = metric != "l2"
+        with torch.no_grad():
+            ranked = scores
+            if exclude_self:
+                diagonal = torch.eye(13, dtype=torch.bool, device=device)
+                ranked = scores.masked_fill(diagonal, float("-inf") if largest else float("inf"))
+            expected_indices = ranked.topk(4, dim=-1, largest=largest).indices
         assert torch.equal(indices, expected_indices)  # no ties in random float64 rows
+        expected = scores.gather(-1, expected_indices)
+        assert_close(values, expected, **TOLERANCES[torch.float64])
         grad = torch.randn_like(values)
         inputs = (x, y) if other is not None else (x,)
         got = torch.autograd.grad(values, inputs, grad)
