@@ -214,18 +214,8 @@ def features_ours(x, y, *, dtype: torch.dtype | None = None, value: bool, **kwar
 
 def with_tf32(fn):
     """fn with torch.backends.cuda.matmul.allow_tf32 set around the whole timed call (harness ``context``)."""
-
-    @contextlib.contextmanager
-    def context():
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-
     forced = functools.partial(fn)
-    forced.context = context
+    forced.context = functools.partial(harness.tf32_matmuls, True)
     return forced
 
 

@@ -3,7 +3,8 @@
 Every benchmark is a ``Case`` (op, shape label, mode, an input factory, providers). ``run_cases``
 times each provider on the same inputs: warm-up calls, then repeated single-call timings (CUDA
 events on GPUs, ``perf_counter`` on CPUs), reported as median / p20 / p80 in ms, plus the peak GPU
-memory of the timed calls (inputs included; empty on CPUs, where PyTorch tracks no peak). Each row
+memory of the timed calls (inputs included; empty on CPUs, where PyTorch tracks no peak, unless a script
+measures its own, as bench_similarity does for its large CPU k-NN). Each row
 is appended to ONE CSV as soon as it is measured, so a run cut short keeps what it finished.
 """
 
@@ -48,11 +49,16 @@ PROVIDER_ORDER = (
     "s2dc-triton",
     "s2dc-triton-program",
     "s2dc-triton-split",
+    "s2dc-triton-tf32",
+    "s2dc-triton-bf16",
     "s2dc-cpp",
     "s2dc-torch",
 )
-PROVIDER_ORDER += ("eager", "compile", "pot", "official-loop", "faiss", "bmm")
+PROVIDER_ORDER += ("eager", "eager-topk", "compile", "pot", "official-loop", "faiss", "bmm")
 FLOOR_PROVIDER = "bmm"  # a bare matmul: the floor a fused op is measured against, other output by design
+# Our providers of reduced precision (tf32 products, bf16 inputs): shown, but never the "best s2dc" of a case,
+# which compares like with like (fp32) against eager.
+REDUCED_PRECISION_SUFFIXES = ("-tf32", "-bf16")
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,18 @@ def versions() -> str:
     return (
         f"torch={torch.__version__};triton={version('triton')};s2dc={s2dc};python={platform.python_version()}"
     )
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set to ``allowed`` inside (our Triton kernels follow it too),
+    restored after: a provider's ``context`` for tf32 variants."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _first(out: torch.Tensor | tuple) -> torch.Tensor:
@@ -259,7 +277,9 @@ def _time_provider(
     try:
         step = _step(fn, inputs, mode)
         sample = _sample(step())  # the first call: also the first warm-up
-        if ref is not None and not label.endswith(f"[{FLOOR_PROVIDER}]") and (why := _mismatch(sample, ref)):
+        checked = ref is not None and not label.endswith(f"[{FLOOR_PROVIDER}]")
+        # A provider may carry ``fn.rtol``: its stated tolerance against eager (reduced precision).
+        if checked and (why := _mismatch(sample, ref, getattr(fn, "rtol", 1e-3))):
             print(f"note: {label}: output differs: {why}", file=sys.stderr)
         return measure(step, args.device, args.preset, base), sample
     except Exception as err:
@@ -355,17 +375,38 @@ def rows_table(rows: Sequence[dict[str, str]]) -> str:
     return format_table(header, body)
 
 
-def pivot(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str, str], dict[str, str]]:
-    """{(op, shape, mode): {provider: median ms}}, in the order the cases first appear."""
+def pivot(
+    rows: Sequence[dict[str, str]], column: str = "median_ms"
+) -> dict[tuple[str, str, str], dict[str, str]]:
+    """{(op, shape, mode): {provider: the row's ``column``}}, in the order the cases first appear (empty
+    values left out)."""
     cases: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in rows:
-        cases.setdefault((r["op"], r["shape"], r["mode"]), {})[r["provider"]] = r["median_ms"]
-    return cases
+        case = cases.setdefault((r["op"], r["shape"], r["mode"]), {})
+        if r[column]:
+            case[r["provider"]] = r[column]
+    return {key: values for key, values in cases.items() if values}
+
+
+def peak_memory_table(rows: Sequence[dict[str, str]], markdown: bool = False) -> str | None:
+    """One line per (op, shape, mode) with a recorded peak memory: every provider's peak MB (None if none)."""
+    cases = pivot(rows, "peak_mem_mb")
+    if not cases:
+        return None
+    seen = {p for values in cases.values() for p in values}
+    providers = [p for p in PROVIDER_ORDER if p in seen] + sorted(seen - set(PROVIDER_ORDER))
+    body = [[op, shape, mode, *(v.get(p, "") for p in providers)] for (op, shape, mode), v in cases.items()]
+    return format_table(["op", "shape", "mode", *(f"{p} MB" for p in providers)], body, markdown)
 
 
 def best_ours(medians: dict[str, str]) -> tuple[str, float] | None:
-    """The fastest of our backends on one case and its speed-up over eager (None without both)."""
-    ours = {p[len("s2dc-") :]: float(ms) for p, ms in medians.items() if p.startswith("s2dc-")}
+    """The fastest of our full-precision backends on one case and its speed-up over eager (None without
+    both)."""
+    ours = {
+        p[len("s2dc-") :]: float(ms)
+        for p, ms in medians.items()
+        if p.startswith("s2dc-") and not p.endswith(REDUCED_PRECISION_SUFFIXES)
+    }
     if not ours or "eager" not in medians:
         return None
     best = min(ours, key=ours.get)

@@ -40,6 +40,10 @@ def markdown(by_device: dict[str, list[dict[str, str]]]) -> str:
         versions = latest["versions"].replace(";", ", ")
         caption = f"Median ms per call, fp32 ({versions}; newest run {latest['timestamp'][:10]})."
         sections.append(f"#### {device}\n\n{caption}\n\n{harness.summary_table(rows, markdown=True)}")
+        if memory := harness.peak_memory_table(rows, markdown=True):
+            cpu = "cpu" in device
+            what = "resident set growth, inputs excluded" if cpu else "on the GPU, inputs included"
+            sections.append(f"Peak memory in MB ({what}), where measured:\n\n{memory}")
     return "\n\n".join(sections)
 
 

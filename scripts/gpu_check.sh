@@ -78,6 +78,8 @@ for i in "${!scripts[@]}"; do
     step "${scripts[i]}" $((left > 45 ? left : 45)) "$out/bench.log" \
         python "benchmarks/${scripts[i]}.py" --gpu --csv "$out/results.csv" ${BENCH_FLAGS:-}
 done
+# recall@k of the k-NN providers against the exact search (bench_similarity; the CSV has no column for it).
+grep "^knn recall@k" "$out/bench.log"
 
 # The loss path's share of a training step at the official geometry (4 x 4 crops of 96^3, 3 x 3 x 3 tokens,
 # 4 volumes): a synthetic 400 x 400 x 100 volume, 8 steps per ops setting, medians of the last 5 (the CPU-side
