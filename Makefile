@@ -17,10 +17,12 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-cpp-test:           ## C++ unit tests of the torch-free kernels (+ the CUDA compile check when nvcc is found)
+cpp-test:           ## C++ unit tests of the torch-free kernels (+ the CUDA compile check when nvcc is found), and the
+                    ## CUDA Sinkhorn kernels run in a CPU emulation of their threads against the CPU kernels
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
+	EMU_BUILD=build/emulation bash csrc/tests/emulation/run.sh
 
 py-test:            ## the Python suite; the cpp and Triton (interpreter) backends must run, not skip
 	S2DC_REQUIRE_BACKENDS=cpp,triton $(PYTHON) -m pytest tests -q -ra
