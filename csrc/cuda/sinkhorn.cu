@@ -1,21 +1,26 @@
 // Log-domain Sinkhorn on CUDA, small-problem design: one thread block per problem, all iterations inside
 // one launch (no host synchronisation), potentials (forward) or adjoints (backward) in shared memory.
 //
-// Thread mapping (blockDim = 128..512, a multiple of 32; see block_threads):
+// C is copied into shared memory once per solve when it fits beside the vectors (N ldc + N + M values of T, plus
+// the backward's column partials, within the device's opt-in limit: up to ~220 x 220 fp32 on sm_90, the S2DC
+// sizes), with an odd row stride ldc = M | 1 so that a warp reading down a column (lane l on row i + l) hits 32
+// distinct banks. Thread mapping (blockDim = 128..512, a multiple of 32; see block_threads), C in shared memory:
 //   row pass    : warp w owns rows i = w, w + n_warps, ...; its lanes stride the columns j and the warp
 //                 reduces with shuffles (max, then sum of exp(x - max): the reference's max shift).
-//   column pass : thread k owns columns j = k, k + blockDim, ...; it walks the rows i, so a warp reads 32
-//                 consecutive entries of a row of C per step (coalesced); no reduction across threads.
-// C is copied into shared memory once per solve when it fits beside the vectors (N M + N + M values of T within
-// the device's opt-in limit: up to ~225 x 225 fp32 on sm_90, the S2DC sizes), so the iterations never go back to
-// global memory for it (the small-problem regime of docs/anchors.md); larger problems read it from global
-// memory on every pass and rely on L1/L2. The math uses expf/exp (no fast-math intrinsics) and multiplies by
-// 1 / eps instead of dividing by eps (within an ulp of the quotient), keeping fp32 results within the 1e-5
-// relative parity target against the PyTorch reference; the file must not be built with --use_fast_math.
+//   column pass : the same with columns: warp w owns columns j = w, w + n_warps, ...; its lanes stride the rows.
+//   backward    : warp per row for both phases; each lane keeps the column sums of its columns (j = lane + 32 c,
+//                 M <= 256) in registers over the warp's rows, and the warps' partial sums are added per column
+//                 after a barrier (a fixed order: deterministic, no atomics).
+// Every pass is then 32-wide with O(log 32) shuffle steps per row or column: ~N / n_warps rows per warp instead
+// of a thread walking all N rows of its column (latency-bound: 46 us per iteration at 48 x 145^2, H200).
+// Larger problems read C from global memory on every pass (L1/L2) with the column passes a thread per column
+// (coalesced rows). The math uses expf/exp (no fast-math intrinsics) and multiplies by 1 / eps instead of
+// dividing by eps (within an ulp of the quotient), keeping fp32 results within the 1e-5 relative parity target
+// against the PyTorch reference; the file must not be built with --use_fast_math.
 //
-// Shared memory: N + M values of T per block (f and g, or the adjoints F and G), then N M for C when it fits,
-// plus a few hundred bytes of static scratch. Up to 48 KiB works everywhere; above that the launchers opt in to the device's limit
-// (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/89, i.e.
+// Shared memory: N + M values of T per block (f and g, or the adjoints F and G), then C when it fits, plus a few
+// hundred bytes of static scratch. Up to 48 KiB works everywhere; above that the launchers opt in to the device's
+// limit (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/89, i.e.
 // N + M up to ~58k fp32 / ~29k fp64 on an H100). Larger problems keep the same vectors in global memory
 // instead (the forward in its history rows, the backward in the caller's workspace).
 #include "sinkhorn.h"
@@ -29,6 +34,10 @@ constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kLaneColumns = 8;  // columns per lane in the backward's row-owned column sums: M <= 256
+
+// Row stride of C in shared memory: odd, so that the 32 lanes of a warp reading one column hit distinct banks.
+__host__ __device__ __forceinline__ int shared_stride(int M) { return M | 1; }
 
 extern __shared__ __align__(16) unsigned char sinkhorn_shared[];
 
@@ -92,12 +101,31 @@ __device__ __forceinline__ T thread_column_lse(const T* __restrict__ C, const T*
   return col_max + log_t(sum);
 }
 
-// Copies the problem's C (N x M, contiguous) into shared memory (after the N + M vector slots) with the whole
-// block; returns the shared copy. Every thread reaches the barrier (callers branch on a block-uniform flag).
+// LSE_i((f_i - C_ij) / eps) over column j of C (row stride ldc), by a whole warp (all lanes get the result).
+// Same max shift as the rows.
 template <typename T>
-__device__ __forceinline__ const T* copy_to_shared(const T* __restrict__ C, T* C_shared, int N, int M) {
-  const int64_t count = static_cast<int64_t>(N) * M;
-  for (int64_t k = threadIdx.x; k < count; k += blockDim.x) C_shared[k] = C[k];
+__device__ __forceinline__ T warp_column_lse(const T* C, int ldc, const T* f, int N, int j, T inv_eps, int lane) {
+  T col_max = neg_inf<T>();
+  for (int i = lane; i < N; i += kWarpSize) {
+    const T x = (f[i] - C[i * ldc + j]) * inv_eps;
+    col_max = x > col_max ? x : col_max;
+  }
+  col_max = warp_max(col_max);
+  if (col_max == neg_inf<T>()) return col_max;  // warp-uniform
+  T sum = 0;
+  for (int i = lane; i < N; i += kWarpSize) sum += exp_t((f[i] - C[i * ldc + j]) * inv_eps - col_max);
+  return col_max + log_t(warp_sum(sum));
+}
+
+// Copies the problem's C (N x M, contiguous) into shared memory (after the N + M vector slots) with row stride
+// ldc, a warp per row; returns the shared copy. Every thread reaches the barrier (callers branch on a
+// block-uniform flag).
+template <typename T>
+__device__ __forceinline__ const T* copy_to_shared(const T* __restrict__ C, T* C_shared, int N, int M, int ldc) {
+  const int lane = threadIdx.x % kWarpSize, n_warps = blockDim.x / kWarpSize;
+  for (int i = threadIdx.x / kWarpSize; i < N; i += n_warps) {
+    for (int j = lane; j < M; j += kWarpSize) C_shared[i * ldc + j] = C[static_cast<int64_t>(i) * M + j];
+  }
   __syncthreads();
   return C_shared;
 }
@@ -121,7 +149,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ int stop;
   const int64_t problem = blockIdx.x;
   const T* Cb = C + problem * N * M;
-  if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M);
+  const int ldc = cost_in_shared ? shared_stride(M) : M;
+  if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M, ldc);
   const T inv_eps = T(1) / eps;
   const T* la = log_a + problem * N;
   const T* lb = log_b + problem * M;
@@ -143,7 +172,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     T err = 0;
     for (int i = warp; i < N; i += n_warps) {
-      const T lse = warp_row_lse(Cb + static_cast<int64_t>(i) * M, g_prev, M, inv_eps, lane);
+      const T lse = warp_row_lse(Cb + static_cast<int64_t>(i) * ldc, g_prev, M, inv_eps, lane);
       if (lane == 0) {
         if (check) err += abs_t(exp_t(f_prev[i] * inv_eps + lse) - exp_t(la[i]));
         const T fi = eps * (la[i] - lse);
@@ -165,10 +194,21 @@ __global__ void __launch_bounds__(kMaxThreads)
     __syncthreads();
 
     const T* f_cur = potentials_in_shared ? f_shared : f_new;
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
-      const T gj = eps * (lb[j] - thread_column_lse(Cb, f_cur, N, M, j, inv_eps));
-      g_new[j] = gj;
-      if (potentials_in_shared) g_shared[j] = gj;
+    if (cost_in_shared) {  // block-uniform: a warp per column
+      for (int j = warp; j < M; j += n_warps) {
+        const T lse = warp_column_lse(Cb, ldc, f_cur, N, j, inv_eps, lane);
+        if (lane == 0) {
+          const T gj = eps * (lb[j] - lse);
+          g_new[j] = gj;
+          g_shared[j] = gj;
+        }
+      }
+    } else {
+      for (int j = threadIdx.x; j < M; j += blockDim.x) {
+        const T gj = eps * (lb[j] - thread_column_lse(Cb, f_cur, N, M, j, inv_eps));
+        g_new[j] = gj;
+        if (potentials_in_shared) g_shared[j] = gj;
+      }
     }
     done = t;
     __syncthreads();
@@ -186,12 +226,13 @@ __global__ void __launch_bounds__(kMaxThreads)
 //   Pc_ij = exp((f^t_i + g^t_j - C_ij) / eps - log_b_j)       (softmax over i of the column LSE of g^t)
 //   Pr_ij = exp((f^t_i + g^{t-1}_j - C_ij) / eps - log_a_i)   (softmax over j of the row LSE of f^t)
 //   phase A (warp per row):      F_i <- F_i - sum_j G_j Pc_ij;  grad_log_a_i += eps F_i
-//   phase B (thread per column): grad_C_ij += G_j Pc_ij + F_i Pr_ij;  grad_log_b_j += eps G_j;
+//   phase B (warp per row with C in shared memory and M <= 256, else thread per column):
+//                                grad_C_ij += G_j Pc_ij + F_i Pr_ij;  grad_log_b_j += eps G_j;
 //                                G_j <- -sum_i F_i Pr_ij  (adjoint of g^{t-1});
 // F restarts from 0 at every t < n_done (f^{t-1} feeds only g^{t-1}).
 // (dg_j/df_i = -Pc_ij, df_i/dg_j = -Pr_ij, dg_j/dC_ij = Pc_ij, df_i/dC_ij = Pr_ij.) Every grad_C element,
-// grad_log_a_i and grad_log_b_j has one owning thread for the whole solve, so no atomics; the column-owned
-// G_j is summed in a register. Terms with log_b_j = -inf (Pc) or log_a_i = -inf (Pr) are 0.
+// grad_log_a_i and grad_log_b_j has one owning thread for the whole solve, so no atomics; G_j is summed in
+// registers (per lane over a warp's rows, then over the warps in a fixed order, or by its column's thread). Terms with log_b_j = -inf (Pc) or log_a_i = -inf (Pr) are 0.
 // Exponent <= 0 by construction (f, g come from these LSEs), so no overflow. Per iteration: 3 N M
 // exponentials (Pc twice, Pr once), 2 reads of C, one read-modify-write of grad_C (a plain write at
 // t = n_done, so no zero-initialisation), 3 history rows; F, G in shared memory (adjoints_in_shared) or in the
@@ -206,7 +247,11 @@ __global__ void __launch_bounds__(kMaxThreads)
                              T* __restrict__ grad_log_a, T* __restrict__ grad_log_b, T* workspace) {
   const int64_t problem = blockIdx.x;
   const T* Cb = C + problem * N * M;
-  if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M);
+  const int ldc = cost_in_shared ? shared_stride(M) : M;
+  if (cost_in_shared) Cb = copy_to_shared(Cb, reinterpret_cast<T*>(sinkhorn_shared) + N + M, N, M, ldc);
+  // Row-owned phase B (see the top of the file): the warps' column partials follow C in shared memory.
+  const bool row_owned = cost_in_shared && M <= kLaneColumns * kWarpSize;
+  T* partials = reinterpret_cast<T*>(sinkhorn_shared) + N + M + static_cast<int64_t>(N) * ldc;
   const T inv_eps = T(1) / eps;
   const T* la = log_a + problem * N;
   const T* lb = log_b + problem * M;
@@ -240,7 +285,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const T* g_prev = t > 1 ? gt - M : nullptr;
 
     for (int i = warp; i < N; i += n_warps) {
-      const T* row = Cb + static_cast<int64_t>(i) * M;
+      const T* row = Cb + static_cast<int64_t>(i) * ldc;
       const T fi = ft[i];
       T sum = 0;
       for (int j = lane; j < M; j += kWarpSize) {
@@ -256,38 +301,76 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     __syncthreads();
 
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
-      const T Gj = G[j];
-      const T lbj = lb[j];
-      const T gtj = gt[j];
-      const T gpj = g_prev != nullptr ? g_prev[j] : T(0);
-      const bool column_has_mass = lbj != neg_inf<T>();
-      T G_prev = 0;
-      for (int i = 0; i < N; ++i) {
-        const int64_t k = static_cast<int64_t>(i) * M + j;
-        const T fi_minus_c = ft[i] - Cb[k];
+    if (row_owned) {  // block-uniform: a warp per row, column sums in registers, then across warps
+      T column_sums[kLaneColumns];
+#pragma unroll
+      for (int c = 0; c < kLaneColumns; ++c) column_sums[c] = T(0);
+      for (int i = warp; i < N; i += n_warps) {
+        const T* row = Cb + static_cast<int64_t>(i) * ldc;
+        T* grad_row = gCb + static_cast<int64_t>(i) * M;
+        const T fi = ft[i];
         const T lai = la[i];
-        const T pc = column_has_mass ? exp_t((fi_minus_c + gtj) * inv_eps - lbj) : T(0);
-        const T pr = lai != neg_inf<T>() ? exp_t((fi_minus_c + gpj) * inv_eps - lai) : T(0);
         const T Fi = F[i];
-        const T delta = Gj * pc + Fi * pr;
-        gCb[k] = first ? delta : gCb[k] + delta;
-        G_prev -= Fi * pr;
+#pragma unroll
+        for (int c = 0; c < kLaneColumns; ++c) {
+          const int j = lane + c * kWarpSize;
+          if (j < M) {
+            const T lbj = lb[j];
+            const T fi_minus_c = fi - row[j];
+            const T pc = lbj != neg_inf<T>() ? exp_t((fi_minus_c + gt[j]) * inv_eps - lbj) : T(0);
+            const T gpj = g_prev != nullptr ? g_prev[j] : T(0);
+            const T pr = lai != neg_inf<T>() ? exp_t((fi_minus_c + gpj) * inv_eps - lai) : T(0);
+            const T delta = G[j] * pc + Fi * pr;
+            grad_row[j] = first ? delta : grad_row[j] + delta;
+            column_sums[c] -= Fi * pr;
+          }
+        }
       }
-      glb[j] = (first ? T(0) : glb[j]) + eps * Gj;
-      G[j] = G_prev;
+#pragma unroll
+      for (int c = 0; c < kLaneColumns; ++c) {
+        const int j = lane + c * kWarpSize;
+        if (j < M) partials[warp * M + j] = column_sums[c];
+      }
+      __syncthreads();  // every warp has read G
+      for (int j = threadIdx.x; j < M; j += blockDim.x) {
+        T G_prev = 0;
+        for (int w = 0; w < n_warps; ++w) G_prev += partials[w * M + j];
+        glb[j] = (first ? T(0) : glb[j]) + eps * G[j];
+        G[j] = G_prev;
+      }
+    } else {  // a thread per column
+      for (int j = threadIdx.x; j < M; j += blockDim.x) {
+        const T Gj = G[j];
+        const T lbj = lb[j];
+        const T gtj = gt[j];
+        const T gpj = g_prev != nullptr ? g_prev[j] : T(0);
+        const bool column_has_mass = lbj != neg_inf<T>();
+        T G_prev = 0;
+        for (int i = 0; i < N; ++i) {
+          const int64_t k = static_cast<int64_t>(i) * M + j;
+          const T fi_minus_c = ft[i] - Cb[static_cast<int64_t>(i) * ldc + j];
+          const T lai = la[i];
+          const T pc = column_has_mass ? exp_t((fi_minus_c + gtj) * inv_eps - lbj) : T(0);
+          const T pr = lai != neg_inf<T>() ? exp_t((fi_minus_c + gpj) * inv_eps - lai) : T(0);
+          const T Fi = F[i];
+          const T delta = Gj * pc + Fi * pr;
+          gCb[k] = first ? delta : gCb[k] + delta;
+          G_prev -= Fi * pr;
+        }
+        glb[j] = (first ? T(0) : glb[j]) + eps * Gj;
+        G[j] = G_prev;
+      }
     }
     __syncthreads();
   }
 }
 
-// Threads per block: the next power of two >= max(N, M), clamped to [128, 512], so the column pass has a
-// thread per column up to 512 columns and the row pass 4-16 warps.
+// Threads per block: a warp per ~4 rows or columns (every pass is warp-per-row or -column with C in shared memory),
+// clamped to [4, 16] warps; for large problems, whose column passes are a thread per column, 512.
 int block_threads(int64_t N, int64_t M) {
   const int64_t widest = N > M ? N : M;
-  int threads = 128;
-  while (threads < widest && threads < kMaxThreads) threads *= 2;
-  return threads;
+  const int64_t warps = (widest + 3) / 4;
+  return static_cast<int>(warps < 4 ? 4 : warps > kMaxWarps ? kMaxWarps : warps) * kWarpSize;
 }
 
 bool sizes_fit_int(int64_t B, int64_t N, int64_t M, int64_t n_iters) {
@@ -318,13 +401,15 @@ cudaError_t prepare_shared_memory(Kernel kernel, size_t dynamic_bytes, bool* fit
   return err;
 }
 
-// The dynamic shared memory of a launch: the N + M vectors and C (N M) when both fit, else the vectors alone,
-// else none (vectors in global memory). Sets *bytes and the two flags the kernels take.
+// The dynamic shared memory of a launch: the N + M vectors and C (N rows of stride shared_stride(M)) plus
+// `cost_extra_bytes` (the backward's column partials) when all fit, else the vectors alone, else none (vectors
+// in global memory). Sets *bytes and the two flags the kernels take.
 template <typename Kernel>
-cudaError_t choose_shared_memory(Kernel kernel, int64_t N, int64_t M, size_t item_bytes, size_t* bytes,
-                                 bool* vectors_in_shared, bool* cost_in_shared) {
+cudaError_t choose_shared_memory(Kernel kernel, int64_t N, int64_t M, size_t item_bytes, size_t cost_extra_bytes,
+                                 size_t* bytes, bool* vectors_in_shared, bool* cost_in_shared) {
   const size_t vector_bytes = static_cast<size_t>(N + M) * item_bytes;
-  const size_t with_cost_bytes = vector_bytes + static_cast<size_t>(N) * static_cast<size_t>(M) * item_bytes;
+  const size_t cost_bytes = static_cast<size_t>(N) * static_cast<size_t>(shared_stride(static_cast<int>(M))) * item_bytes;
+  const size_t with_cost_bytes = vector_bytes + cost_bytes + cost_extra_bytes;
   cudaError_t err = prepare_shared_memory(kernel, with_cost_bytes, cost_in_shared);
   if (err != cudaSuccess) return err;
   if (*cost_in_shared) {
@@ -347,8 +432,8 @@ cudaError_t sinkhorn_forward_cuda(const T* C, const T* log_a, const T* log_b, in
   if (B == 0) return cudaSuccess;
   size_t shared_bytes = 0;
   bool in_shared = false, cost_in_shared = false;
-  const cudaError_t err =
-      choose_shared_memory(sinkhorn_forward_kernel<T>, N, M, sizeof(T), &shared_bytes, &in_shared, &cost_in_shared);
+  const cudaError_t err = choose_shared_memory(sinkhorn_forward_kernel<T>, N, M, sizeof(T), 0, &shared_bytes,
+                                               &in_shared, &cost_in_shared);
   if (err != cudaSuccess) return err;
   sinkhorn_forward_kernel<T><<<static_cast<unsigned>(B), block_threads(N, M), shared_bytes, stream>>>(
       C, log_a, log_b, static_cast<int>(N), static_cast<int>(M), eps, static_cast<int>(n_iters), tol, in_shared,
@@ -365,11 +450,15 @@ cudaError_t sinkhorn_backward_cuda(const T* C, const T* log_a, const T* log_b, c
   if (B == 0) return cudaSuccess;
   size_t shared_bytes = 0;
   bool in_shared = false, cost_in_shared = false;
-  const cudaError_t err = choose_shared_memory(sinkhorn_backward_kernel<T>, N, M, sizeof(T), &shared_bytes,
-                                               &in_shared, &cost_in_shared);
+  const int threads = block_threads(N, M);
+  // The row-owned phase B's column partials (n_warps x M), used when M <= 256 (see the kernel).
+  const size_t partial_bytes =
+      M <= kLaneColumns * kWarpSize ? static_cast<size_t>(threads / kWarpSize) * M * sizeof(T) : 0;
+  const cudaError_t err = choose_shared_memory(sinkhorn_backward_kernel<T>, N, M, sizeof(T), partial_bytes,
+                                               &shared_bytes, &in_shared, &cost_in_shared);
   if (err != cudaSuccess) return err;
   if (!in_shared && workspace == nullptr) return cudaErrorInvalidValue;
-  sinkhorn_backward_kernel<T><<<static_cast<unsigned>(B), block_threads(N, M), shared_bytes, stream>>>(
+  sinkhorn_backward_kernel<T><<<static_cast<unsigned>(B), threads, shared_bytes, stream>>>(
       C, log_a, log_b, f_hist, g_hist, n_done, grad_f, grad_g, static_cast<int>(N), static_cast<int>(M), eps,
       static_cast<int>(n_iters), in_shared, cost_in_shared, grad_C, grad_log_a, grad_log_b, workspace);
   return cudaGetLastError();
