@@ -3,7 +3,9 @@ sinkhorn_features.
 
 Providers: every available backend of ours ("s2dc-<backend>"), "eager" (the reference), "compile"
 (torch.compile of ONE iteration, the loop in Python, as in docs/anchors.md), "pot" (POT's batched
-log-domain solver, tol=0) and "official-loop" (SuperGlue / S2DC's solver run problem by problem).
+log-domain solver, tol=0), "official-loop" (SuperGlue / S2DC's solver run problem by problem) and, on
+GPUs for the squared-Euclidean sinkhorn_features rows, "flash-sinkhorn" (FlashSinkhorn's alternating
+solver with its defaults: tf32 products, autotuned; problems one after another) when it is importable.
 
     python benchmarks/bench_sinkhorn.py [--quick | --gpu] [--csv FILE] [--providers a,b] [--ops a,b]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import math
 import os
 
 import harness
@@ -212,6 +215,23 @@ def features_ours(x, y, *, dtype: torch.dtype | None = None, value: bool, **kwar
     return outputs[2] if value else outputs[0]
 
 
+def flash_sinkhorn_f(x, y, *, eps: float, n_iters: int):
+    """f of FlashSinkhorn 0.4.1's alternating solver (cost |x - y|^2, uniform marginals, its defaults: tf32,
+    autotune), each problem in turn (it takes one problem per call). Its default GeomLoss convention starts
+    from g = 0 with the log marginals inside the LSE; on the same iterates ours (from g = 0, OTT convention)
+    is f + eps (log a_i + log b) with uniform b, and g unchanged (checked in float64 against the
+    reference)."""
+    from flash_sinkhorn.sinkhorn_solvers import sinkhorn_flashstyle_alternating
+
+    potentials = []
+    for xb, yb in zip(x, y, strict=True):
+        n, m = xb.shape[0], yb.shape[0]
+        a, b = xb.new_full((n,), 1.0 / n), yb.new_full((m,), 1.0 / m)
+        f, _ = sinkhorn_flashstyle_alternating(xb, yb, a, b, eps=eps, n_iters=n_iters)
+        potentials.append(f - eps * (math.log(n) + math.log(m)))
+    return torch.stack(potentials)
+
+
 def with_tf32(fn):
     """fn with torch.backends.cuda.matmul.allow_tf32 set around the whole timed call (harness ``context``)."""
     forced = functools.partial(fn)
@@ -223,6 +243,7 @@ def make_cases(args) -> list[harness.Case]:
     preset, device = args.preset.name, args.device
     ours = harness.our_backends(SOLVER_BACKENDS, device)
     has_pot = importlib.util.find_spec("ot") is not None
+    has_flash_sinkhorn = importlib.util.find_spec("flash_sinkhorn") is not None
     compiled_step, compiled_swav = harness.compiled(log_sinkhorn_step), harness.compiled(swav_step)
     partial = functools.partial
     cases = []
@@ -274,6 +295,9 @@ def make_cases(args) -> list[harness.Case]:
                     features_ours, backend="triton", dtype=torch.bfloat16, **kwargs
                 )
             providers["eager"] = partial(features_eager, **kwargs)
+            if device.type == "cuda" and cost == "sqeuclidean" and mode == "fwd" and has_flash_sinkhorn:
+                providers["flash-sinkhorn"] = partial(flash_sinkhorn_f, eps=eps, n_iters=iters)
+                providers["flash-sinkhorn"].rtol = 1e-2  # tf32 products (its default)
             inputs = partial(point_clouds, (B, N, M, d))
             shape = f"{B}x{N}x{M} d{d} {cost} {iters}it"
             cases.append(harness.Case("sinkhorn_features", shape, mode, inputs, providers))

@@ -54,7 +54,7 @@ PROVIDER_ORDER = (
     "s2dc-cpp",
     "s2dc-torch",
 )
-PROVIDER_ORDER += ("eager", "eager-topk", "compile", "pot", "official-loop", "faiss", "bmm")
+PROVIDER_ORDER += ("eager", "eager-topk", "compile", "pot", "official-loop", "faiss", "flash-sinkhorn", "bmm")
 FLOOR_PROVIDER = "bmm"  # a bare matmul: the floor a fused op is measured against, other output by design
 # Our providers of reduced precision (tf32 products, bf16 inputs): shown, but never the "best s2dc" of a case,
 # which compares like with like (fp32) against eager.

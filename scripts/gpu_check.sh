@@ -44,7 +44,8 @@ print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 
 PY
 } >"$out/env.txt" 2>&1
 
-# Wheels carried in .whl/ (packages the GPU image lacks: nibabel, POT), installed beside the image's own.
+# Wheels carried in .whl/ (packages the GPU image lacks: nibabel, POT, flash-sinkhorn), installed beside the
+# image's own.
 if compgen -G ".whl/*.whl" >/dev/null; then
     python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/s2dc-site \
         .whl/*.whl >>"$out/install.log" 2>&1 && export PYTHONPATH=/tmp/s2dc-site${PYTHONPATH:+:$PYTHONPATH}
@@ -72,11 +73,11 @@ tail -n 3 "$out/tests.log"
 # One process per benchmark script (a kernel fault loses one script, not all), each with the time left
 # less 60 s for every script after it and the training step's share below. BENCH_SCRIPTS and BENCH_FLAGS
 # choose the scripts and their flags; by default our GPU backends (with the tf32 / bf16 variants), eager,
-# eager-topk and the bare bmm floor, but not torch.compile, POT or the per-problem loop, whose compile or run
-# times do not fit one check (BENCH_FLAGS=" " runs every provider).
+# eager-topk, the bare bmm floor and FlashSinkhorn (when its wheel is in .whl/), but not torch.compile, POT or
+# the per-problem loop, whose compile or run times do not fit one check (BENCH_FLAGS=" " runs every provider).
 scripts=(${BENCH_SCRIPTS:-bench_sinkhorn bench_similarity bench_train})
 ours=s2dc-triton,s2dc-triton-program,s2dc-triton-split,s2dc-triton-tf32,s2dc-triton-bf16,s2dc-cuda,s2dc-fused
-BENCH_FLAGS=${BENCH_FLAGS:---providers $ours,eager,eager-topk,bmm}
+BENCH_FLAGS=${BENCH_FLAGS:---providers $ours,eager,eager-topk,bmm,flash-sinkhorn}
 train_seconds=120
 for i in "${!scripts[@]}"; do
     left=$((deadline - SECONDS - 20 - train_seconds - 60 * (${#scripts[@]} - i - 1)))
