@@ -17,7 +17,7 @@ import harness
 import torch
 import torch.nn.functional as F
 
-from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss
+from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
 
 # (B volumes, Z layers, N tokens per layer, d, crops per volume)
 SHAPES = {"quick": [(4, 4, 64, 64, 4)], "cpu": [(4, 4, 64, 64, 4), (4, 3, 144, 512, 16)]}
@@ -39,14 +39,16 @@ def loss_inputs(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Ten
 
 
 def loss_path(ops: str, d: int) -> Callable[..., torch.Tensor]:
-    """All four terms at weight 0.5, as the training loop sums them."""
+    """All four terms at weight 0.5, as the training loop sums them (q k^T computed once for L_p2p and
+    L_p2s)."""
     p2p, p2s, nc, glob = P2PLoss(ops), P2SLoss(ops), NCLoss(ops), GlobalLoss(ops, d)
     generator = torch.Generator().manual_seed(0)
 
     def total(q, k, truth, query, keys):
         glob.to(q.device)
-        terms = p2p(q, k, truth) + p2s(q, k, truth) + nc(q, k, truth) + glob(query, keys, generator)
-        return 0.5 * terms
+        scores = token_scores(q, k)  # shared by L_p2p and L_p2s, as in the training loop
+        token_terms = p2p(q, k, truth, scores) + p2s(q, k, truth, scores) + nc(q, k, truth)
+        return 0.5 * (token_terms + glob(query, keys, generator))
 
     return total
 

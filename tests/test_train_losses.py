@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2dc_kernels.train.data import Geometry
-from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss
+from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
 from s2dc_kernels.train.model import EMATeacher, Encoder3d, S2DCModel, projection_head
 
 
@@ -129,6 +129,24 @@ def test_p2s_matches_naive():
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(grad, q_naive.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss_class", [P2PLoss, P2SLoss])
+def test_shared_scores_change_nothing(loss_class):
+    """L_p2p and L_p2s on token_scores(q, k) computed once (as the training loop does) equal the losses that
+    compute q k^T themselves, value and gradient; a scores tensor of the wrong shape is refused."""
+    q, k, truth = inputs()
+    loss = loss_class("fused")
+    (expected,) = torch.autograd.grad(loss(q, k, truth), q)
+    scores = token_scores(q, k)
+    assert scores.shape == (4, 9, 9)
+    torch.testing.assert_close(scores[3], q[1, 1] @ k[1, 1].T, rtol=1e-14, atol=1e-14)
+    value = loss(q, k, truth, scores)
+    (grad,) = torch.autograd.grad(value, q)
+    torch.testing.assert_close(value, loss(q, k, truth), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="scores must be token_scores"):
+        loss(q, k, truth, scores[:, :-1])
 
 
 @pytest.mark.parametrize("ops", ["fused", "reference"])

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .data import Geometry, Views, VolumeDataset, bundled_volumes, collate, find_volumes
-from .losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss
+from .losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
 from .model import EMATeacher, S2DCModel
 
 TERMS = ("p2p", "p2s", "nc", "g")
@@ -126,9 +126,13 @@ class Trainer:
 
         # The loss path in fp32: the OT and similarity kernels take fp32/fp64 inputs.
         terms = {}
-        for term in TOKEN_TERMS:
+        if self.weights["p2p"] > 0 or self.weights["p2s"] > 0:  # their shared q k^T, computed once
+            scores = token_scores(student_tokens, teacher_tokens)
+        for term in ("p2p", "p2s"):
             if self.weights[term] > 0:
-                terms[term] = self.losses[term](student_tokens, teacher_tokens, views.truth)
+                terms[term] = self.losses[term](student_tokens, teacher_tokens, views.truth, scores=scores)
+        if self.weights["nc"] > 0:
+            terms["nc"] = self.losses["nc"](student_tokens, teacher_tokens, views.truth)
         if use_global:
             terms["g"] = self.losses["g"](student_pooled, teacher_keys, self.generator)
         loss = sum(self.weights[t] * value for t, value in terms.items())

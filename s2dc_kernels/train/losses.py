@@ -35,20 +35,38 @@ def _kernel_op(ops: str, name: str):
     return getattr(reference, name)
 
 
-def _problems(q: Tensor, k: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Check the token-loss inputs; return q, k as (B*Z, N, d) and the positive mask as 0/1 weights
-    (B, 1, N, N) in q's dtype (shared by the Z layers of a volume, broadcast rather than copied)."""
+def _positive_weights(q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
+    """Check the token-loss inputs; return the positive mask as 0/1 weights (B, 1, N, N) in q's dtype
+    (shared by the Z layers of a volume, broadcast rather than copied)."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(
             f"q and k must be (B, Z, N, d) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
         )
-    B, Z, N, d = q.shape
+    B, _, N, _ = q.shape
     if truth.shape != (B, N, N):
         raise ValueError(
             f"truth must be (B, N, N) = {(B, N, N)} for q {tuple(q.shape)}, got {tuple(truth.shape)}"
         )
-    positive = (truth > 0.5).to(q.dtype)[:, None]
-    return q.reshape(B * Z, N, d), k.reshape(B * Z, N, d), positive
+    return (truth > 0.5).to(q.dtype)[:, None]
+
+
+def token_scores(q: Tensor, k: Tensor) -> Tensor:
+    """S = q k^T per problem: q, k (B, Z, N, d) -> (B*Z, N, N), rows = source tokens. L_p2p and L_p2s both
+    start from it: computed once and passed to both, its gradient (one product with k) is taken once too."""
+    B, Z, N, d = q.shape
+    return q.reshape(B * Z, N, d) @ k.reshape(B * Z, N, d).transpose(1, 2)
+
+
+def _scores(q: Tensor, k: Tensor, scores: Tensor | None) -> Tensor:
+    """token_scores(q, k), or the given ``scores`` after a shape check."""
+    if scores is None:
+        return token_scores(q, k)
+    B, Z, N, _ = q.shape
+    if scores.shape != (B * Z, N, N):
+        raise ValueError(
+            f"scores must be token_scores(q, k), (B*Z, N, N) = {(B * Z, N, N)}, got {tuple(scores.shape)}"
+        )
+    return scores
 
 
 def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -89,10 +107,10 @@ class P2PLoss(nn.Module):
         self.n_iters = check_int("n_iters", n_iters, 1)
         self.alpha = float(alpha)
 
-    def forward(self, q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
-        """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
-        q, k, positive = _problems(q, k, truth)
-        scores = q @ k.transpose(1, 2)  # (B*Z, N, N)
+    def forward(self, q: Tensor, k: Tensor, truth: Tensor, scores: Tensor | None = None) -> Tensor:
+        """q, k (B, Z, N, d), truth (B, N, N), optionally scores = token_scores(q, k) -> scalar."""
+        positive = _positive_weights(q, k, truth)
+        scores = _scores(q, k, scores)  # (B*Z, N, N)
         log_plan = self.log_optimal_transport(scores, self.alpha, self.n_iters)
         plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
         loss_pos = _masked_mean(-torch.log(plan), positive)
@@ -115,10 +133,11 @@ class P2SLoss(nn.Module):
         super().__init__()
         check_choice("ops", ops, OPS)  # no kernel op in this term: plain tensor algebra for both
 
-    def forward(self, q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
-        """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
-        q, k, positive = _problems(q, k, truth)
-        affinity = (1 + q @ k.transpose(1, 2)) / 2  # (P, N, N), rows n = source, columns m = teacher
+    def forward(self, q: Tensor, k: Tensor, truth: Tensor, scores: Tensor | None = None) -> Tensor:
+        """q, k (B, Z, N, d), truth (B, N, N), optionally scores = token_scores(q, k) -> scalar."""
+        positive = _positive_weights(q, k, truth)
+        scores = _scores(q, k, scores)
+        affinity = (1 + scores) / 2  # (P, N, N), rows n = source, columns m = teacher
         col_sharpness = _sharpness(affinity, 1)  # (P, M)
         row_sharpness = _sharpness(affinity, 2)  # (P, N)
         weights = F.softmax(col_sharpness, -1)[:, None, :] + F.softmax(row_sharpness, -1)[:, :, None]
@@ -154,7 +173,7 @@ class NCLoss(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
         """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
-        _problems(q, k, truth)  # shape checks
+        _positive_weights(q, k, truth)  # shape checks
         B, Z, N, d = q.shape
         matched = truth > 0.5  # (B, N, N)
         valid = matched.any(-1)  # (B, N): source row i has a teacher partner
