@@ -140,11 +140,15 @@ class P2SLoss(nn.Module):
         affinity = (1 + scores) / 2  # (P, N, N), rows n = source, columns m = teacher
         col_sharpness = _sharpness(affinity, 1)  # (P, M)
         row_sharpness = _sharpness(affinity, 2)  # (P, N)
-        weights = F.softmax(col_sharpness, -1)[:, None, :] + F.softmax(row_sharpness, -1)[:, :, None]
         affinity = affinity.clamp(CLAMP, 1 - CLAMP)
         B, N = positive.shape[0], affinity.shape[-1]
-        weighted = (-torch.log(affinity) * weights).view(B, -1, N, N) * positive
-        loss_pos = weighted.sum((-2, -1)).reshape(-1) / 2
+        # sum_{G=1} -log A'_nm (w_c[m] + w_r[n]) as the column and row sums of the masked -log A' against
+        # the two weight vectors (no N x N weight matrix).
+        masked = ((-torch.log(affinity)).view(B, -1, N, N) * positive).reshape(-1, N, N)
+        loss_pos = (
+            (masked.sum(1) * F.softmax(col_sharpness, -1)).sum(-1)
+            + (masked.sum(2) * F.softmax(row_sharpness, -1)).sum(-1)
+        ) / 2
         loss_neg = _masked_mean(-torch.log(1 - affinity), 1 - positive)
         return (loss_pos + loss_neg).mean()
 
