@@ -24,7 +24,7 @@ import torch
 import s2dc_kernels
 from s2dc_kernels import reference
 from s2dc_kernels.reference.sinkhorn import plan_from_potentials, uniform_log_marginal
-from s2dc_kernels.sinkhorn import SOLVER_BACKENDS, dustbin_problem
+from s2dc_kernels.sinkhorn import FEATURE_BACKENDS, SOLVER_BACKENDS, dustbin_problem
 
 EPS = 0.05  # docs/anchors.md: eps 0.05, uniform marginals, cost uniform in [0, 1)
 DUSTBIN_ALPHA = 1.0  # S2DC's dustbin score (docs/method.md, section 7)
@@ -287,7 +287,7 @@ def make_cases(args) -> list[harness.Case]:
             kwargs = dict(cost=cost, eps=eps, n_iters=iters, value=mode == "fwd+bwd")
             providers = {
                 f"s2dc-{b}": partial(features_ours, backend=b, **kwargs)
-                for b in harness.our_backends(("torch", "triton"), device)
+                for b in harness.our_backends(FEATURE_BACKENDS, device)
             }
             if "s2dc-triton" in providers:  # the tensor-core variants: tf32 products, bf16 features
                 providers["s2dc-triton-tf32"] = with_tf32(providers["s2dc-triton"])

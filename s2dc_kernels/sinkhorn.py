@@ -413,7 +413,7 @@ def sinkhorn_knopp(
 
 # ---------------------------------------------------------------- Sinkhorn on features (cost never stored)
 FEATURE_COSTS = ("cosine", "sqeuclidean", "dot")
-FEATURE_BACKENDS = ("torch", "triton")
+FEATURE_BACKENDS = ("torch", "cpp", "triton")
 FEATURE_GRADS = ("envelope", "detach")
 
 
@@ -585,8 +585,9 @@ def sinkhorn_features(
         tol: per-problem stop on the row-marginal L1 error, as in ``sinkhorn`` (checked on the device).
         grad: "envelope" (only the value is differentiable: dW/dC = P chained to x and y through the cost,
             computed by streaming, dW/da = f - eps log a, dW/db = g - eps log b) or "detach" (nothing is).
-        backend: "auto" (triton on CUDA tensors, else torch), "torch" (builds C, then ``sinkhorn``: the
-            reference) or "triton".
+        backend: "auto" (triton on CUDA tensors, cpp on CPU tensors), "torch" (builds C, then ``sinkhorn``:
+            the reference), "cpp" (CPU tensors: builds C, then ``sinkhorn``'s fused C++ solver; memory
+            O(N M)) or "triton".
         return_value: also return W = sum P C + eps sum P (log P - log a - log b), (B,), with
             P_ij = exp((f_i + g_j - C_ij) / eps).
 
@@ -618,11 +619,11 @@ def sinkhorn_features(
     _check_masses(a_b, b_b)
     backend = resolve_backend(backend, op="sinkhorn_features", device=device, supported=FEATURE_BACKENDS)
     differentiable = grad == "envelope" and torch.is_grad_enabled()
-    if backend == "torch":
+    if backend in ("torch", "cpp"):
         with torch.set_grad_enabled(differentiable):
             C = _feature_cost(xb, yb, cost, dtype)
         outputs = sinkhorn(
-            C, a, b, eps=eps, n_iters=n_iters, tol=tol or None, grad=grad, backend="torch",
+            C, a, b, eps=eps, n_iters=n_iters, tol=tol or None, grad=grad, backend=backend,
             return_potentials=True, return_value=return_value,
         )[1:]  # fmt: skip
     else:

@@ -17,6 +17,7 @@ EPS = {"cosine": 0.1, "sqeuclidean": 1.0, "dot": 0.5}  # a few percent of each c
 # (B, N, M, d): odd sides; the second shape has d past one feature chunk of fp64 tiles (64) and more
 # columns than one fp32 column block (64), so forced splits really split.
 SHAPES = {"triton": [(2, 7, 5, 3), (1, 19, 70, 67)], "torch": [(3, 7, 5, 3), (2, 37, 70, 67)]}
+SHAPES["cpp"] = SHAPES["torch"]
 
 
 def explicit_cost(x, y, cost):
@@ -291,7 +292,7 @@ def test_tf32_features_cuda(monkeypatch):
         (dict(cost="l1"), ValueError, "cost must be one of"),
         (dict(grad="unroll"), ValueError, "grad must be one of"),
         (dict(grad="implicit"), ValueError, "grad must be one of"),
-        (dict(backend="cpp"), ValueError, "does not implement sinkhorn_features"),
+        (dict(backend="cuda"), ValueError, "does not implement sinkhorn_features"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
     ],
 )
@@ -301,15 +302,16 @@ def test_bad_input(kwargs, error, match):
         sk.sinkhorn_features(args.pop("x"), args.pop("y"), **args)
 
 
-def test_auto_is_torch_on_cpu(monkeypatch):
-    """ "auto" on CPU tensors is the torch backend (the interpreter is not a backend to pick by default)."""
+def test_auto_is_cpp_on_cpu(monkeypatch):
+    """ "auto" on CPU tensors is the cpp backend (the interpreter is not a backend to pick by default)."""
+    require_backend("cpp", "cpu")
     sinkhorn_module = sys.modules[sk.sinkhorn_features.__module__]  # the module, shadowed by the function
 
     def no_triton(*args):
         raise AssertionError("the Triton path ran")
 
     x, y = torch.randn(6, 3), torch.randn(4, 3)
-    expected = sk.sinkhorn_features(x, y, n_iters=5, backend="torch")
+    expected = sk.sinkhorn_features(x, y, n_iters=5, backend="cpp")
     monkeypatch.setattr(sinkhorn_module, "_triton_features", no_triton)
     for ours, theirs in zip(sk.sinkhorn_features(x, y, n_iters=5), expected, strict=True):
         assert torch.equal(ours, theirs)
