@@ -113,26 +113,19 @@ def bare_bmm(x: torch.Tensor) -> torch.Tensor:
     return x @ x.mT
 
 
-def reduced_precision(fn, context=None):
-    """fn as a provider of reduced precision: ``rtol`` for the output check against eager and, when given,
-    ``context`` entered around the whole timed call (harness attributes)."""
-    provider = functools.partial(fn)
-    provider.rtol = REDUCED_PRECISION_RTOL
-    if context is not None:
-        provider.context = context
-    return provider
-
-
 def knn_providers(k: int, ours: list[str], target: bool, has_faiss: bool) -> dict:
     """The knn providers at one k: ours, eager, eager-topk, faiss; on ``target`` shapes also Triton's tf32 /
     bf16 variants and compile."""
     providers = {f"s2dc-{b}": functools.partial(s2dc_kernels.knn, k=k, backend=b) for b in ours}
     if "triton" in ours and target:  # the tensor-core variants: tf32 products, bf16 features
-        providers["s2dc-triton-tf32"] = reduced_precision(
-            providers["s2dc-triton"], functools.partial(harness.tf32_matmuls, True)
+        providers["s2dc-triton-tf32"] = harness.provider(
+            providers["s2dc-triton"],
+            context=functools.partial(harness.tf32_matmuls, True),
+            rtol=REDUCED_PRECISION_RTOL,
         )
-        providers["s2dc-triton-bf16"] = reduced_precision(
-            functools.partial(knn_in_dtype, k=k, dtype=torch.bfloat16, backend="triton")
+        providers["s2dc-triton-bf16"] = harness.provider(
+            functools.partial(knn_in_dtype, k=k, dtype=torch.bfloat16, backend="triton"),
+            rtol=REDUCED_PRECISION_RTOL,
         )
     providers["eager"] = functools.partial(reference.knn, k=k)
     providers["eager-topk"] = functools.partial(topk_knn, k=k)

@@ -164,9 +164,7 @@ def with_triton_regime(regime: str, fn):
             else:
                 os.environ["S2DC_TRITON_SINKHORN_REGIME"] = previous
 
-    forced = functools.partial(fn)
-    forced.context = context
-    return forced
+    return harness.provider(fn, context=context)
 
 
 def solver_providers(op, ours: list[str], n_entries: int, **kwargs) -> dict:
@@ -234,9 +232,7 @@ def flash_sinkhorn_f(x, y, *, eps: float, n_iters: int):
 
 def with_tf32(fn):
     """fn with torch.backends.cuda.matmul.allow_tf32 set around the whole timed call (harness ``context``)."""
-    forced = functools.partial(fn)
-    forced.context = functools.partial(harness.tf32_matmuls, True)
-    return forced
+    return harness.provider(fn, context=functools.partial(harness.tf32_matmuls, True))
 
 
 def make_cases(args) -> list[harness.Case]:
@@ -296,8 +292,9 @@ def make_cases(args) -> list[harness.Case]:
                 )
             providers["eager"] = partial(features_eager, **kwargs)
             if device.type == "cuda" and cost == "sqeuclidean" and mode == "fwd" and has_flash_sinkhorn:
-                providers["flash-sinkhorn"] = partial(flash_sinkhorn_f, eps=eps, n_iters=iters)
-                providers["flash-sinkhorn"].rtol = 1e-2  # tf32 products (its default)
+                providers["flash-sinkhorn"] = harness.provider(  # tf32 products (its default)
+                    partial(flash_sinkhorn_f, eps=eps, n_iters=iters), rtol=1e-2
+                )
             inputs = partial(point_clouds, (B, N, M, d))
             shape = f"{B}x{N}x{M} d{d} {cost} {iters}it"
             cases.append(harness.Case("sinkhorn_features", shape, mode, inputs, providers))

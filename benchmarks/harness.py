@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import functools
 import platform
 import statistics
 import sys
@@ -156,6 +157,18 @@ def versions() -> str:
     return (
         f"torch={torch.__version__};triton={version('triton')};s2dc={s2dc};python={platform.python_version()}"
     )
+
+
+def provider(fn: Callable, *, context: Callable | None = None, rtol: float | None = None) -> Callable:
+    """fn as a provider carrying the harness's attributes: ``context``, a context-manager factory entered
+    around the whole timed call (see _step), and ``rtol``, its stated tolerance against eager (see
+    _time_provider)."""
+    wrapped = functools.partial(fn)
+    if context is not None:
+        wrapped.context = context
+    if rtol is not None:
+        wrapped.rtol = rtol
+    return wrapped
 
 
 @contextlib.contextmanager
