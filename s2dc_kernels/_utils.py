@@ -6,7 +6,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -80,29 +80,46 @@ def available_backends() -> dict[str, bool]:
 
 
 @torch.compiler.assume_constant_result  # environment probing: a constant for torch.compile
-def resolve_backend(backend: str, *, op: str, device: torch.device, supported: Sequence[str]) -> str:
+def resolve_backend(
+    backend: str,
+    *,
+    op: str,
+    device: torch.device,
+    supported: Sequence[str],
+    cannot_take: Callable[[str], str | None] | None = None,
+) -> str:
     """Turn the ``backend`` argument of ``op`` into the backend that runs it on ``device``.
 
     "auto" takes ``S2DC_BACKEND`` when set and ``op`` implements it, else the fastest
     available of ``supported`` (triton > cuda > torch on GPUs, cpp > torch on CPUs).
+    ``cannot_take(b)`` says why backend b cannot take this call's inputs (None: it can): "auto" and
+    ``S2DC_BACKEND`` pass over such a backend; naming it explicitly is a ValueError with the reason.
     An unknown name is a ValueError; a backend that cannot run here is a RuntimeError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def takes(b: str) -> bool:
+        return cannot_take is None or cannot_take(b) is None
+
     if backend == "auto":
         env = os.environ.get("S2DC_BACKEND", "auto")
         if env not in BACKENDS:
             raise ValueError(f"S2DC_BACKEND must be one of {BACKENDS}, got {env!r}")
-        if env != "auto" and env in supported:
+        if env != "auto" and env in supported and takes(env):
             backend = env
         else:
             order = _AUTO_ORDER.get(device.type, ("torch",))
-            return next(b for b in order if b in supported and _unavailable_reason(b, device) is None)
+            return next(
+                b for b in order if b in supported and _unavailable_reason(b, device) is None and takes(b)
+            )
     if backend not in supported:
         raise ValueError(f"backend={backend!r} does not implement {op}; {op} runs on {tuple(supported)}")
     reason = _unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable for {op}: {reason}")
+    if cannot_take is not None and (why := cannot_take(backend)) is not None:
+        raise ValueError(f"backend={backend!r} for {op}: {why}")
     return backend
 
 

@@ -484,16 +484,13 @@ def neighborhood_consistency(
         raise ValueError(
             f"k must be at most the fewest valid patches in a problem minus one ({fewest_valid} - 1), got {k}"
         )
-    requested = backend
-    backend = resolve_backend(backend, op="neighborhood_consistency", device=device, supported=NC_BACKENDS)
-    if backend == "triton":
-        why_not = _nc_triton_unsupported(student)
-        if why_not is not None:
-            if requested != "auto":
-                raise ValueError(f"backend='triton' for neighborhood_consistency: {why_not}")
-            # The next backend of the auto order ("torch" on CUDA tensors).
-            others = tuple(b for b in NC_BACKENDS if b != "triton")
-            backend = resolve_backend("auto", op="neighborhood_consistency", device=device, supported=others)
+    backend = resolve_backend(
+        backend,
+        op="neighborhood_consistency",
+        device=device,
+        supported=NC_BACKENDS,
+        cannot_take=lambda b: _nc_triton_unsupported(student) if b == "triton" else None,
+    )
     if backend == "torch":
         return reference.neighborhood_consistency(student, teacher, k=k, tau_s=tau_s, tau_t=tau_t, mask=mask)
     if student.dim() == 2:

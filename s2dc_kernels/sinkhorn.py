@@ -385,7 +385,13 @@ def sinkhorn_knopp(
     n_iters = check_int("n_iters", n_iters, 1)
     device = check_same_device(logits=logits)
     requested = backend
-    backend = resolve_backend(backend, op="sinkhorn_knopp", device=device, supported=("torch", "triton"))
+    backend = resolve_backend(
+        backend,
+        op="sinkhorn_knopp",
+        device=device,
+        supported=("torch", "triton"),
+        cannot_take=lambda b: _knopp_triton_unsupported(logits, process_group) if b == "triton" else None,
+    )
     world = 1 if process_group is None else dist.get_world_size(process_group)
     B, K = logits.shape
     if B == 0 or K == 0:
@@ -395,13 +401,9 @@ def sinkhorn_knopp(
     if backend == "triton" and requested == "auto" and B < KNOPP_TRITON_MIN_ROWS:
         backend = "torch"  # too few row blocks to fill a GPU: PyTorch's reductions are faster (H200)
     if backend == "triton":
-        why_not = _knopp_triton_unsupported(logits, process_group)
-        if why_not is None:
-            from .triton_kernels import sinkhorn as triton_sinkhorn
+        from .triton_kernels import sinkhorn as triton_sinkhorn
 
-            return triton_sinkhorn.sinkhorn_knopp(logits.float(), eps, n_iters).to(logits.dtype)
-        if requested != "auto":
-            raise ValueError(f"backend='triton' for sinkhorn_knopp: {why_not}")
+        return triton_sinkhorn.sinkhorn_knopp(logits.float(), eps, n_iters).to(logits.dtype)
     b_total = B * world
     L = logits / eps
     L = L - _group_logsumexp(L, (0, 1), process_group)

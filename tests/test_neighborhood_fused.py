@@ -5,6 +5,7 @@ import torch
 from conftest import backend_params, require_backend
 
 import s2dc_kernels.similarity as public
+from s2dc_kernels import _utils
 from s2dc_kernels._utils import resolve_backend
 from s2dc_kernels.reference.similarity import neighborhood_consistency as reference
 from s2dc_kernels.similarity import neighborhood_consistency_fused, neighborhood_fused
@@ -215,11 +216,6 @@ def test_auto_leaves_triton_for_problems_above_its_max_n(monkeypatch):
     require_backend("triton", "cpu")
     from s2dc_kernels.triton_kernels.neighborhood import MAX_N
 
-    def resolve_as_on_cuda(backend, *, op, device, supported):
-        if backend == "auto" and "triton" in supported:
-            return "triton"
-        return resolve_backend(backend, op=op, device=device, supported=supported)
-
     ran = []
     fused = public.neighborhood_consistency_fused
 
@@ -231,7 +227,8 @@ def test_auto_leaves_triton_for_problems_above_its_max_n(monkeypatch):
         ran.append("torch")
         return reference(*args, **kwargs)
 
-    monkeypatch.setattr(public, "resolve_backend", resolve_as_on_cuda)
+    # "auto" resolving as on CUDA: Triton first in the order.
+    monkeypatch.setitem(_utils._AUTO_ORDER, "cpu", ("triton", *_utils._AUTO_ORDER["cpu"]))
     monkeypatch.setattr(public, "neighborhood_consistency_fused", recording_fused)
     monkeypatch.setattr(public.reference, "neighborhood_consistency", recording_reference)
     others = tuple(b for b in public.NC_BACKENDS if b != "triton")

@@ -333,6 +333,24 @@ def test_s2dc_backend_environment_overrides_auto(monkeypatch):
         sk.sinkhorn(C)
 
 
+def test_auto_passes_over_a_backend_that_cannot_take_the_inputs(monkeypatch):
+    """resolve_backend's cannot_take: "auto" and S2DC_BACKEND pass over the backend it names a reason for (the
+    next of the order runs), naming that backend explicitly is a ValueError with the reason."""
+    from s2dc_kernels._utils import resolve_backend
+
+    cpu = torch.device("cpu")
+    cannot_take = {"cpp": "too big for it", "torch": None}.get
+    kwargs = dict(op="op", device=cpu, supported=("torch", "cpp"))
+    require_backend("cpp", "cpu")
+    assert resolve_backend("auto", **kwargs) == "cpp"
+    assert resolve_backend("auto", cannot_take=cannot_take, **kwargs) == "torch"
+    monkeypatch.setenv("S2DC_BACKEND", "cpp")
+    assert resolve_backend("auto", cannot_take=cannot_take, **kwargs) == "torch"
+    with pytest.raises(ValueError, match="backend='cpp' for op: too big for it"):
+        resolve_backend("cpp", cannot_take=cannot_take, **kwargs)
+    assert resolve_backend("torch", cannot_take=cannot_take, **kwargs) == "torch"
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_empty_batch_forward_backward(backend, device):
     require_backend(backend, device)
