@@ -122,6 +122,22 @@ def test_triton_equals_torch(backend, device, B, K, eps, n_iters):
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("B,K,chunks", [(21, 1000, 3), (7, 300, 2)])
+def test_triton_row_half_step_in_chunks(backend, device, B, K, chunks, monkeypatch):
+    """Few samples: the row half-step splits the prototypes into chunks (here 384 + 384 + 232 and 256 + 44
+    columns) whose partial LSEs a merge launch combines."""
+    require_backend(backend, device)
+    from s2dc_kernels.triton_kernels.sinkhorn import knopp_row_chunks
+
+    monkeypatch.setenv("S2DC_KNOPP_ROW_CHUNKS", str(chunks))
+    assert -(-K // knopp_row_chunks(B, K, torch.device(device))) == chunks
+    logits = 3 * torch.randn(B, K, device=device)
+    ours = sk.sinkhorn_knopp(logits, eps=0.1, n_iters=3, backend=backend)
+    expected = swav_distributed_sinkhorn([logits.double()], 0.1, 3, 1)[0]
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
 def test_triton_finite_at_teacher_temperature(backend, device):
     require_backend(backend, device)
     logits = 400 * torch.rand(9, 31, device=device) - 200

@@ -76,7 +76,9 @@ CASES = [
     Case("sinkhorn_split_backward_col_kernel", "fp64", TILE_32x32),
     # sinkhorn.py: sinkhorn_knopp (fp32 logits only)
     Case("sinkhorn_knopp_col_kernel", "fp32", TILE_64x32),
-    Case("sinkhorn_knopp_row_kernel", "fp32", TILE_16x128),
+    Case("sinkhorn_knopp_row_kernel", "fp32", {"SPLIT": False, **TILE_16x128}),
+    Case("sinkhorn_knopp_row_kernel", "fp32", {"SPLIT": True, **TILE_16x128}),
+    Case("sinkhorn_knopp_merge_kernel", "fp32", {"BLOCK": 256}),
     Case("sinkhorn_knopp_plan_kernel", "fp32", {"BLOCK_N": 32, "BLOCK_M": 128}),
     # neighborhood.py (_blocks: N = 512 fp32 with a mask, N = 64 fp64 without: mask_ptr is then kl)
     Case("neighborhood_forward_kernel", "fp32",

@@ -43,12 +43,14 @@ def _row_block_lse2(
     rows,
     row_mask,
     M,
+    stride,
     scale,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     NEGATE: tl.constexpr,
 ):
-    """Base-2 LSE_j((g_j - C_ij) * scale) for the rows ``rows`` (BLOCK_N,), streamed over column blocks.
+    """Base-2 LSE_j((g_j - C_ij) * scale) for the rows ``rows`` (BLOCK_N,), streamed over column blocks of
+    the M columns (C's rows ``stride`` entries apart).
 
     NEGATE: the matrix in memory holds -C (scores or logits), negated as it is read.
 
@@ -66,9 +68,8 @@ def _row_block_lse2(
         col_mask = cols < M
         g = tl.load(g_ptr + cols, mask=col_mask, other=float("-inf"))
         g = tl.where(g_valid, g, tl.where(col_mask, 0.0, float("-inf")))
-        cost = tl.load(
-            C_ptr + rows[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
-        )
+        mask = row_mask[:, None] & col_mask[None, :]
+        cost = tl.load(C_ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
         if NEGATE:
             cost = -cost
         x = (g[None, :] - cost) * scale
@@ -86,13 +87,14 @@ def _col_block_lse2(
     cols,
     col_mask,
     N,
-    M,
+    stride,
     scale,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     NEGATE: tl.constexpr,
 ):
-    """Base-2 LSE_i((f_i - C_ij) * scale) for the columns ``cols`` (BLOCK_M,), streamed over row blocks.
+    """Base-2 LSE_i((f_i - C_ij) * scale) for the columns ``cols`` (BLOCK_M,), streamed over the N rows
+    (``stride`` entries apart) in blocks.
 
     The same online LSE as ``_row_block_lse2``, transposed (and the same NEGATE). Reads C[:, cols] and f once.
     """
@@ -104,9 +106,8 @@ def _col_block_lse2(
         rows = row_start + rows_in_block
         row_mask = rows < N
         f = tl.load(f_ptr + rows, mask=row_mask, other=float("-inf"))
-        cost = tl.load(
-            C_ptr + rows[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
-        )
+        mask = row_mask[:, None] & col_mask[None, :]
+        cost = tl.load(C_ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
         if NEGATE:
             cost = -cost
         x = (f[:, None] - cost) * scale
@@ -139,7 +140,7 @@ def _row_update(
     Returns |exp2(f^{t-1}_i * scale + lse2_i) - a_i| per row (the row-marginal error of iteration t-1, from
     the same LSE) with CHECK_TOL, zeros otherwise; 0 on rows past N. log_a_ptr, f_old_ptr, f_new_ptr point at
     the problem's rows, g_old_ptr at g^{t-1} (g = 0 is used at t = 1)."""
-    lse2 = _row_block_lse2(C_ptr, g_old_ptr, t > 1, rows, row_mask, M, scale, BLOCK_N, BLOCK_M, False)
+    lse2 = _row_block_lse2(C_ptr, g_old_ptr, t > 1, rows, row_mask, M, M, scale, BLOCK_N, BLOCK_M, False)
     log_a = tl.load(log_a_ptr + rows, mask=row_mask, other=0.0)
     err = tl.zeros([BLOCK_N], C_ptr.dtype.element_ty)
     if CHECK_TOL:
@@ -663,7 +664,9 @@ def sinkhorn_split_backward_col_kernel(
 # from f = 0; then Q_ik = B exp((f_i + g_k + L_ik) / eps) (rows sum to 1). Per iteration the logits are
 # read twice (one launch per half-step, blocks in the grid), then once more to write Q: no (B, K)
 # temporary beyond Q. SwAV's initial normalisation by the total mass is a constant shift of L that the first
-# column update removes.
+# column update removes. With few samples (B = 256: 16 row blocks) the row half-step also splits the
+# prototypes into chunks across the grid, each writing its partial LSE to a (chunks, B) scratch that a small
+# merge launch reduces, so that the GPU is filled. Offsets are int64 (B * K may pass 2^31).
 
 
 @triton.jit(do_not_specialize=["log2_n_bits", "scale_bits"])
@@ -674,7 +677,9 @@ def sinkhorn_knopp_col_kernel(
     scale = float_from_bits(scale_bits).to(tl.float32)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask = cols < K
-    lse2 = _col_block_lse2(L_ptr, f_ptr, cols, col_mask, B, K, scale, BLOCK_N, BLOCK_M, NEGATE=True)
+    lse2 = _col_block_lse2(
+        L_ptr, f_ptr, cols, col_mask, B, tl.cast(K, tl.int64), scale, BLOCK_N, BLOCK_M, NEGATE=True
+    )
     tl.store(
         g_ptr + cols,
         -(float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
@@ -684,18 +689,55 @@ def sinkhorn_knopp_col_kernel(
 
 @triton.jit(do_not_specialize=["log2_n_bits", "scale_bits"])
 def sinkhorn_knopp_row_kernel(
-    L_ptr, f_ptr, g_ptr, B, K, log2_n_bits, scale_bits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+    L_ptr,
+    f_ptr,
+    g_ptr,
+    partial_ptr,
+    B,
+    K,
+    chunk,
+    log2_n_bits,
+    scale_bits,
+    SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """f_i for the samples of block pid(0): reads BLOCK_N x K logits and g once."""
+    """Row half-step for the samples of block pid(0) over the ``chunk`` prototypes of chunk pid(1): reads
+    BLOCK_N x chunk logits and their g once. SPLIT: the chunk's base-2 LSE -> partial[pid(1), rows] of a
+    (chunks, B) scratch (see sinkhorn_knopp_merge_kernel); else (one chunk of all K) f_i itself."""
     scale = float_from_bits(scale_bits).to(tl.float32)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < B
-    lse2 = _row_block_lse2(L_ptr, g_ptr, True, rows, row_mask, K, scale, BLOCK_N, BLOCK_M, NEGATE=True)
-    tl.store(
-        f_ptr + rows,
-        -(float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale,
-        mask=row_mask,
-    )
+    first = tl.program_id(1) * chunk
+    lse2 = _row_block_lse2(
+        L_ptr + first, g_ptr + first, True, rows.to(tl.int64), row_mask, tl.minimum(chunk, K - first), K,
+        scale, BLOCK_N, BLOCK_M, NEGATE=True,
+    )  # fmt: skip
+    if SPLIT:
+        tl.store(partial_ptr + tl.program_id(1) * B + rows, lse2, mask=row_mask)
+    else:
+        tl.store(f_ptr + rows, -(float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["log2_n_bits", "scale_bits"])
+def sinkhorn_knopp_merge_kernel(
+    partial_ptr, f_ptr, B, n_chunks, log2_n_bits, scale_bits, BLOCK: tl.constexpr
+):
+    """f_i = -(log2 B + LSE2_c partial[c, i]) / scale for the samples of block pid(0): the row half-step's
+    chunks merged (reads the (chunks, BLOCK) scratch once)."""
+    scale = float_from_bits(scale_bits).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < B
+    run_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK], tl.float32)
+    for c in range(n_chunks):
+        x = tl.load(partial_ptr + c * B + rows, mask=row_mask, other=float("-inf"))
+        new_max = tl.maximum(run_max, x)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2(run_max - shift) + tl.exp2(x - shift)
+        run_max = new_max
+    lse2 = run_max + tl.log2(run_sum)
+    tl.store(f_ptr + rows, -(float_from_bits(log2_n_bits).to(tl.float32) + lse2) / scale, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["log2_b_bits", "scale_bits"])
@@ -929,9 +971,29 @@ def sinkhorn_backward(
     return grad_C, grad_log_a, grad_log_b
 
 
+KNOPP_ROW_BLOCK = 16  # samples per program of the row half-step (16 x 128 fp32 tiles)
+
+
+def knopp_row_chunks(B: int, K: int, device: torch.device) -> int:
+    """Prototypes per chunk of the Sinkhorn-Knopp row half-step: all K where the B / 16 row blocks fill the
+    GPU (4 programs per multiprocessor), else chunks of whole 128-column tiles, at least 8 tiles each, so
+    that row blocks x chunks do. ``S2DC_KNOPP_ROW_CHUNKS`` forces a number of chunks (tests, benchmarks)."""
+    forced = os.environ.get("S2DC_KNOPP_ROW_CHUNKS")
+    if forced is not None:
+        n_chunks = max(1, int(forced))
+    elif device.type != "cuda":
+        return K
+    else:
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        n_chunks = min(triton.cdiv(programs, triton.cdiv(B, KNOPP_ROW_BLOCK)), triton.cdiv(K, 8 * 128))
+    if n_chunks <= 1:
+        return K
+    return triton.cdiv(triton.cdiv(K, n_chunks), 128) * 128
+
+
 def sinkhorn_knopp(logits: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
-    """SwAV's Sinkhorn-Knopp targets of (B, K) float32 logits in 2 * n_iters + 1 launches (see
-    sinkhorn_knopp_col_kernel): Q (B, K), rows summing to 1."""
+    """SwAV's Sinkhorn-Knopp targets of (B, K) float32 logits in 2 * n_iters + 1 launches (3 * n_iters + 1
+    when the row half-step is split into chunks, see knopp_row_chunks): Q (B, K), rows summing to 1."""
     logits = logits.contiguous()
     if logits.dtype != torch.float32:
         raise TypeError(f"expected float32 logits, got {logits.dtype}")
@@ -940,14 +1002,24 @@ def sinkhorn_knopp(logits: torch.Tensor, eps: float, n_iters: int) -> torch.Tens
     g = logits.new_empty(K)
     Q = torch.empty_like(logits)
     scale = float_bits(LOG2E / eps)
+    log2_b, log2_k = float_bits(math.log2(B)), float_bits(math.log2(K))
+    chunk = knopp_row_chunks(B, K, logits.device)
+    n_chunks = triton.cdiv(K, chunk)
+    partial = logits.new_empty(n_chunks, B) if n_chunks > 1 else f  # (chunks, B) row LSEs of the chunks
+    row_blocks = triton.cdiv(B, KNOPP_ROW_BLOCK)
     for _ in range(n_iters):
         sinkhorn_knopp_col_kernel[(triton.cdiv(K, 32),)](
-            logits, f, g, B, K, float_bits(math.log2(K)), scale, BLOCK_N=64, BLOCK_M=32, num_warps=4
+            logits, f, g, B, K, log2_k, scale, BLOCK_N=64, BLOCK_M=32, num_warps=4
         )
-        sinkhorn_knopp_row_kernel[(triton.cdiv(B, 16),)](
-            logits, f, g, B, K, float_bits(math.log2(B)), scale, BLOCK_N=16, BLOCK_M=128, num_warps=4
-        )
+        sinkhorn_knopp_row_kernel[(row_blocks, n_chunks)](
+            logits, f, g, partial, B, K, chunk, log2_b, scale,
+            SPLIT=n_chunks > 1, BLOCK_N=KNOPP_ROW_BLOCK, BLOCK_M=128, num_warps=4,
+        )  # fmt: skip
+        if n_chunks > 1:
+            sinkhorn_knopp_merge_kernel[(triton.cdiv(B, 256),)](
+                partial, f, B, n_chunks, log2_b, scale, BLOCK=256, num_warps=4
+            )
     sinkhorn_knopp_plan_kernel[(triton.cdiv(B, 32), triton.cdiv(K, 128))](
-        logits, f, g, Q, B, K, float_bits(math.log2(B)), scale, BLOCK_N=32, BLOCK_M=128, num_warps=4
+        logits, f, g, Q, B, K, log2_b, scale, BLOCK_N=32, BLOCK_M=128, num_warps=4
     )
     return Q
