@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from s2dc_kernels.train.data import Geometry
 from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
@@ -215,6 +216,35 @@ def test_fused_equals_reference(loss_class):
         grads.append(torch.autograd.grad(loss, q)[0])
     torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that copy a device value to the host (a stall of the GPU's launch queue each)."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func.overloadpacket) in self.SYNCING
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_loss_path_syncs_with_the_host_once(monkeypatch):
+    """All four losses on the fused ops, forward and backward, with the input value scans off
+    (S2DC_CHECK_VALUES=0): one host sync, L_nc's k (it must be an int for the top-k)."""
+    monkeypatch.setenv("S2DC_CHECK_VALUES", "0")
+    q, k, truth = inputs(B=2, Z=2, N=12, d=8, matched=9, dtype=torch.float32)
+    query, keys = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, 8)
+    losses = P2PLoss("fused", n_iters=5), P2SLoss("fused"), NCLoss("fused"), GlobalLoss("fused", 8)
+    generator = torch.Generator().manual_seed(0)
+    with HostSyncs() as syncs:
+        scores = token_scores(q, k)
+        total = sum(loss(q, k, truth, scores) for loss in losses[:2]) + losses[2](q, k, truth)
+        (total + losses[3](query, keys, generator)).backward()
+    assert syncs.count == 1
 
 
 # ---- sanity values of docs/method.md section 7 -------------------------------------------------------------

@@ -185,12 +185,14 @@ class NCLoss(nn.Module):
         teacher = k.gather(2, partner[:, None, :, None].expand(B, Z, N, d))  # teacher row i = k[b, z, j]
 
         n_matched = valid.sum(-1)  # (B,)
-        kept = n_matched >= 2
-        if not bool(kept.all()):  # host sync only on this rare path (a volume with < 2 matches)
+        fewest = int(n_matched.min())  # the one host sync: k must be an int
+        if fewest < 2:  # rare: leave out the volumes with < 2 matches
+            kept = n_matched >= 2
             q, teacher, valid, n_matched = q[kept], teacher[kept], valid[kept], n_matched[kept]
             if q.shape[0] == 0:
                 return k.new_zeros(()) + q.sum() * 0.0
-        neighbours = min(self.k, int(n_matched.min()) - 1)
+            fewest = int(n_matched.min())
+        neighbours = min(self.k, fewest - 1)
         return self.neighborhood_consistency(
             q.reshape(-1, N, d),
             teacher.reshape(-1, N, d),
@@ -239,8 +241,10 @@ class GlobalLoss(nn.Module):
         crop = torch.randint(n_crops, (B,), generator=generator, device=generator.device).to(query.device)
         volume = torch.arange(B, device=query.device)
         anchor, positive = query[volume, crop], keys[volume, crop]  # (B, d)
-        chosen = F.one_hot(crop, n_crops).bool()  # (B, n_crops)
-        negatives = torch.cat([keys[~chosen], self.queue.to(keys.dtype)])  # (B*(n_crops-1) + queue_size, d)
+        others = torch.arange(n_crops - 1, device=query.device).expand(B, -1)
+        others = others + (others >= crop[:, None])  # (B, n_crops - 1): each volume's other crops, in order
+        unchosen = keys.gather(1, others[..., None].expand(-1, -1, keys.shape[-1]))  # no host sync
+        negatives = torch.cat([unchosen.flatten(0, 1), self.queue.to(keys.dtype)])  # (B*(n_crops-1)+queue, d)
         logits = torch.cat([(anchor * positive).sum(-1, keepdim=True), anchor @ negatives.T], 1)
         loss = F.cross_entropy(logits / self.temperature, logits.new_zeros(B, dtype=torch.long))
         self.update_queue(positive)
