@@ -266,6 +266,18 @@ def test_knn_values_differentiable_only_when_asked(backend):
         assert public.knn(x, k=2, backend=backend)[0].grad_fn is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_knn_l2_takes_half_inputs_on_cpu(dtype):
+    """The reference ranks CPU half rows by float32 distances (CPU cdist has no half kernel): the neighbours
+    of the float32 upcast, values in the input dtype (computed in it: D = 6 differences, squares, 5 additions
+    and a square root, at most 8 roundings of relative size u each)."""
+    x, y = torch.randn(2, 11, 6).to(dtype), torch.randn(2, 9, 6).to(dtype)
+    values, indices = reference.knn(x, y, k=3, metric="l2")
+    expected, expected_indices = reference.knn(x.float(), y.float(), k=3, metric="l2")
+    assert values.dtype == dtype and torch.equal(indices, expected_indices)
+    assert_close(values.float(), expected, rtol=8 * UNIT_ROUNDOFF[dtype], atol=1e-5)
+
+
 # Unit roundoff of the half formats (11 and 8 significant bits): rounding a value v to them moves it by at
 # most UNIT_ROUNDOFF |v|.
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

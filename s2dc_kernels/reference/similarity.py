@@ -84,7 +84,10 @@ def knn(
         elif metric == "dot":
             scores = x @ y_rows.transpose(-1, -2)
         else:  # direct differences: |x|^2 + |y|^2 - 2 x.y cancels for tight clusters far from 0
-            scores = torch.cdist(x, y_rows, compute_mode="donot_use_mm_for_euclid_dist")
+            # CPU cdist has no half kernel: float32 distances there
+            upcast = x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+            pair = (x.float(), y_rows.float()) if upcast else (x, y_rows)
+            scores = torch.cdist(*pair, compute_mode="donot_use_mm_for_euclid_dist")
         if exclude_self:
             diagonal = torch.eye(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device)
             scores = scores.masked_fill(diagonal, float("-inf") if largest else float("inf"))
