@@ -423,3 +423,31 @@ def test_fixed_iteration_solve_captures_and_replays_as_a_cuda_graph(monkeypatch,
         expected = ref.sinkhorn(cost, eps=0.1, n_iters=20, return_potentials=True)
         for o, e in zip(static_out, expected, strict=True):
             assert_close(o, e)
+
+
+@pytest.mark.cuda
+def test_launch_graphs_replay_and_stay_bounded():
+    """The CUDA-graph cache of the split regime: the first call of a key launches, the second captures, later
+    ones replay, each with its own inputs; distinct keys (e.g. sizes that vary from step to step) keep at most
+    _GRAPH_CACHE_SIZE graphs and 4 times as many keys seen once."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("triton")
+    from s2dc_kernels.triton_kernels._common import _GRAPH_CACHE_SIZE, LaunchGraphs
+
+    graphs = LaunchGraphs()
+
+    def launch(x, out):
+        out.copy_(2 * x + 1)
+
+    for call in range(4):
+        x, out = torch.randn(7, device="cuda"), torch.empty(7, device="cuda")
+        graphs.run(("double",), launch, (x,), (out,))
+        torch.testing.assert_close(out, 2 * x + 1)
+        assert len(graphs.graphs) == (call >= 1)
+    for size in range(1, 200):
+        for _ in range(2):
+            x, out = torch.randn(size, device="cuda"), torch.empty(size, device="cuda")
+            graphs.run(("double",), launch, (x,), (out,))
+            torch.testing.assert_close(out, 2 * x + 1)
+    assert len(graphs.graphs) <= _GRAPH_CACHE_SIZE and len(graphs.seen) <= 4 * _GRAPH_CACHE_SIZE

@@ -40,12 +40,13 @@ class LaunchGraphs:
     GPU: a graph replays them all in one call. A graph owns static copies of its inputs and outputs: each
     call copies the inputs in (callers bound their size) and copies the outputs out.
     The first call of a key launches directly (it also compiles the kernels), the second captures, later
-    ones replay. Off under stream capture by the caller and with S2DC_CUDA_GRAPHS=0.
+    ones replay; the keys seen once are remembered up to 4 * _GRAPH_CACHE_SIZE, least recent dropped. Off
+    under stream capture by the caller and with S2DC_CUDA_GRAPHS=0.
     """
 
     def __init__(self) -> None:
         self.graphs: collections.OrderedDict = collections.OrderedDict()
-        self.seen: set = set()
+        self.seen: collections.OrderedDict = collections.OrderedDict()  # keys launched once, not captured
 
     def run(self, key: tuple, launch, inputs: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, ...]):
         """launch(*inputs, *outputs) fills ``outputs`` in place (and leaves ``inputs`` unchanged)."""
@@ -59,8 +60,10 @@ class LaunchGraphs:
             return
         key = (*key, device, *((t.shape, t.dtype) for t in (*inputs, *outputs)))
         if key not in self.graphs:
-            if key not in self.seen:
-                self.seen.add(key)
+            if self.seen.pop(key, None) is None:
+                self.seen[key] = True
+                if len(self.seen) > 4 * _GRAPH_CACHE_SIZE:
+                    self.seen.popitem(last=False)
                 launch(*inputs, *outputs)
                 return
             static_in = tuple(t.clone() for t in inputs)
