@@ -40,7 +40,8 @@ def loss_inputs(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Ten
 
 def loss_path(ops: str, d: int) -> Callable[..., torch.Tensor]:
     """All four terms at weight 0.5, as the training loop sums them (q k^T computed once for L_p2p and
-    L_p2s)."""
+    L_p2s). The timed gradient is the one to q: L_g's own backward (to the pooled embeddings) is timed in
+    its per-term case."""
     p2p, p2s, nc, glob = P2PLoss(ops), P2SLoss(ops), NCLoss(ops), GlobalLoss(ops, d)
     generator = torch.Generator().manual_seed(0)
 
@@ -53,7 +54,23 @@ def loss_path(ops: str, d: int) -> Callable[..., torch.Tensor]:
     return total
 
 
+def loss_term(ops: str, term: str, d: int) -> Callable[..., torch.Tensor]:
+    """One term of the loss path alone on (q, k, truth) (L_p2p and L_p2s each computing q k^T), L_g on
+    (query, keys) (the loss path's inputs 4 and 5, so that its gradient is the one timed)."""
+    if term == "L_g":
+        glob, generator = GlobalLoss(ops, d), torch.Generator().manual_seed(0)
+        return lambda query, keys: glob.to(query.device)(query, keys, generator)
+    module = {"L_p2p": P2PLoss, "L_p2s": P2SLoss, "L_nc": NCLoss}[term](ops)
+    return lambda q, k, truth: module(q, k, truth)
+
+
+def term_inputs_of(inputs: Callable, part: slice, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The inputs of one term: ``part`` of the loss path's inputs."""
+    return inputs(device)[part]
+
+
 def make_cases(args) -> list[harness.Case]:
+    """The loss path per shape; on GPUs also each term alone (where the fused path's time goes)."""
     cases = []
     for shape in SHAPES[args.preset.name]:
         B, Z, N, d, crops = shape
@@ -61,6 +78,11 @@ def make_cases(args) -> list[harness.Case]:
         label = f"{B}x{Z}x{N}x{d} ({B * Z} problems)"
         inputs = functools.partial(loss_inputs, shape)
         cases.append(harness.Case("s2dc_loss_path", label, "fwd+bwd", inputs, providers))
+        for term in ("L_p2p", "L_p2s", "L_nc", "L_g") if args.gpu else ():
+            providers = {"s2dc-fused": loss_term("fused", term, d), "eager": loss_term("reference", term, d)}
+            part = slice(3, 5) if term == "L_g" else slice(3)
+            term_inputs = functools.partial(term_inputs_of, inputs, part)
+            cases.append(harness.Case(f"s2dc_loss_path {term}", label, "fwd+bwd", term_inputs, providers))
     return cases
 
 
