@@ -121,9 +121,14 @@ def test_p2p_matches_naive(ops):
     torch.testing.assert_close(grad, q_naive.grad, rtol=1e-8, atol=1e-10)
 
 
-def test_p2s_matches_naive():
+@pytest.mark.parametrize("ops", ["fused", "reference"])
+def test_p2s_matches_naive(ops):
+    """Autograd through the formulation ("reference") and the closed-form gradient ("fused"), with clamped
+    entries (A = 1 where q = k) and rows without matches."""
     q, k, truth = inputs()
-    loss = P2SLoss("fused")(q, k, truth)
+    k[0, 1, :3] = q[0, 1, :3].detach()
+    truth[1, 4] = 0
+    loss = P2SLoss(ops)(q, k, truth)
     (grad,) = torch.autograd.grad(loss, q)
     q_naive = q.detach().clone().requires_grad_()
     expected = naive_p2s(q_naive, k, truth)
@@ -206,7 +211,7 @@ def test_queue_is_fifo_and_in_state_dict():
 # ---- fused vs reference ops ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_class", [P2PLoss, NCLoss])
+@pytest.mark.parametrize("loss_class", [P2PLoss, P2SLoss, NCLoss])
 def test_fused_equals_reference(loss_class):
     q, k, truth = inputs(B=2, Z=3, N=12, d=8, matched=9, dtype=torch.float32)
     values, grads = [], []

@@ -78,16 +78,77 @@ def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (total / weights.sum((-2, -1)).clamp_min(1)).reshape(-1)
 
 
-def _sharpness(affinity: Tensor, dim: int) -> Tensor:
-    """(max - mean) / std of affinity along dim, unbiased std. On the CPU the std is two plain passes
-    (torch.std reduces the strided dim 7x slower there at these shapes; same value and gradient); on GPUs
-    torch.std's one kernel (the loss path is bound by kernel launches there)."""
-    mean = affinity.mean(dim, keepdim=True)
+def _sharpness(affinity: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(max - mean) / std of affinity along dim, unbiased std: (sharpness, argmax, mean, std). On the CPU the
+    std is two plain passes (torch.std reduces the strided dim 7x slower there at these shapes; same value
+    and gradient); on GPUs torch.std_mean's one kernel (the loss path is bound by kernel launches there)."""
     if affinity.is_cuda:
-        std = affinity.std(dim)
+        std, mean = torch.std_mean(affinity, dim)
     else:
-        std = ((affinity - mean).square().sum(dim) / (affinity.shape[dim] - 1)).sqrt()
-    return (affinity.max(dim).values - mean.squeeze(dim)) / std
+        mean = affinity.mean(dim)
+        std = ((affinity - mean.unsqueeze(dim)).square().sum(dim) / (affinity.shape[dim] - 1)).sqrt()
+    top, argmax = affinity.max(dim)
+    return (top - mean) / std, argmax, mean, std
+
+
+class _P2SClosedForm(torch.autograd.Function):
+    """L_p2s per problem (see P2SLoss) with its gradient in closed form: the whole term then dispatches 63 ops
+    forward and 75 backward (q k^T included), against 67 and 105 for autograd through the formulation (each
+    op a kernel launch on GPUs, where the loss path is launch-bound).
+
+    With A the affinity, A' = clamp(A), U_m = sum_n G_nm (-log A'_nm), V_n = sum_m G_nm (-log A'_nm), c/r
+    the column/row sharpness, w = softmax(c), v = softmax(r), Neg = max(1, #{G = 0}) and the upstream gamma:
+        dL/dc_m = gamma / 2 w_m (U_m - w.U),   dL/dr_n = gamma / 2 v_n (V_n - v.V)
+        dc_m/dA_nm = ([n = argmax_n A_nm] - 1 / N) / std_m - c_m (A_nm - mean_m) / ((N - 1) std_m^2)
+        dL/dA_nm += [clamp passes] (-gamma/2 G_nm (w_m + v_n) / A'_nm + gamma (1 - G_nm) / Neg / (1 - A'_nm))
+    and the row terms alike (with M); dL/dS = dL/dA / 2.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, positive: Tensor) -> Tensor:
+        """scores (P, N, M) = q k^T, positive (B, 1, N, M) 0/1 weights (P = B * Z) -> the losses (P,)."""
+        B, (P, N, M) = positive.shape[0], scores.shape
+        affinity = (1 + scores) / 2
+        col, col_argmax, col_mean, col_std = _sharpness(affinity, 1)  # (P, M)
+        row, row_argmax, row_mean, row_std = _sharpness(affinity, 2)  # (P, N)
+        col_weights, row_weights = F.softmax(col, -1), F.softmax(row, -1)
+        clamped = affinity.clamp(CLAMP, 1 - CLAMP)
+        masked = ((-torch.log(clamped)).view(B, -1, N, M) * positive).view(P, N, M)
+        col_sums, row_sums = masked.sum(1), masked.sum(2)  # U (P, M), V (P, N)
+        loss_pos = ((col_sums * col_weights).sum(-1) + (row_sums * row_weights).sum(-1)) / 2
+        negative = 1 - positive
+        n_negative = negative.sum((-2, -1)).clamp_min(1)  # (B, 1)
+        loss_neg = (-torch.log(1 - clamped)).view(B, -1, N, M).mul(negative).sum((-2, -1)) / n_negative
+        ctx.save_for_backward(
+            affinity, positive, n_negative, col, col_argmax, col_mean, col_std, col_weights, col_sums,
+            row, row_argmax, row_mean, row_std, row_weights, row_sums,
+        )  # fmt: skip
+        return loss_pos + loss_neg.view(P)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (affinity, positive, n_negative, col, col_argmax, col_mean, col_std, col_weights, col_sums,
+         row, row_argmax, row_mean, row_std, row_weights, row_sums) = ctx.saved_tensors  # fmt: skip
+        B, (P, N, M) = positive.shape[0], affinity.shape
+        half = grad[:, None] / 2  # (P, 1)
+        clamped = affinity.clamp(CLAMP, 1 - CLAMP)
+        pos_weight = (half * col_weights)[:, None, :] + (half * row_weights)[:, :, None]  # (P, N, M)
+        neg_weight = (grad.view(B, -1) / n_negative)[..., None, None]  # (B, Z, 1, 1)
+        grad_a = (
+            (-pos_weight / clamped).view(B, -1, N, M) * positive
+            + neg_weight * (1 - positive) / (1 - clamped).view(B, -1, N, M)
+        ).view(P, N, M)
+        grad_a = grad_a * ((affinity >= CLAMP) & (affinity <= 1 - CLAMP))
+        for dim, n, sharp, argmax, mean, std, weights, sums in (
+            (1, N, col, col_argmax, col_mean, col_std, col_weights, col_sums),
+            (2, M, row, row_argmax, row_mean, row_std, row_weights, row_sums),
+        ):
+            d_sharp = half * weights * (sums - (weights * sums).sum(-1, keepdim=True))
+            scaled = (d_sharp / std).unsqueeze(dim)
+            centred = affinity - mean.unsqueeze(dim)
+            grad_a = grad_a - scaled / n - (scaled * (sharp / ((n - 1) * std)).unsqueeze(dim)) * centred
+            grad_a = grad_a.scatter_add(dim, argmax.unsqueeze(dim), scaled)
+        return grad_a / 2, None
 
 
 class P2PLoss(nn.Module):
@@ -126,20 +187,23 @@ class P2SLoss(nn.Module):
         w_r[n] = softmax_n((max_m A_nm - mean_m A_nm) / std_m A_nm)     (row sharpness)
         L = 0.5 * sum_{G=1} -log A'_nm (w_c[m] + w_r[n]) + mean_{G=0} -log(1 - A'_nm)
     with A' = clamp(A, 1e-6, 1 - 1e-6), and the loss is the mean over problems. The weights keep their
-    gradient (official code).
+    gradient (official code). No kernel op here: "reference" is autograd through these formulas, "fused" the
+    same values with the gradient in closed form (_P2SClosedForm: fewer ops to launch).
     """
 
     def __init__(self, ops: str):
         super().__init__()
-        check_choice("ops", ops, OPS)  # no kernel op in this term: plain tensor algebra for both
+        self.ops = check_choice("ops", ops, OPS)
 
     def forward(self, q: Tensor, k: Tensor, truth: Tensor, scores: Tensor | None = None) -> Tensor:
         """q, k (B, Z, N, d), truth (B, N, N), optionally scores = token_scores(q, k) -> scalar."""
         positive = _positive_weights(q, k, truth)
         scores = _scores(q, k, scores)
+        if self.ops == "fused":
+            return _P2SClosedForm.apply(scores, positive).mean()
         affinity = (1 + scores) / 2  # (P, N, N), rows n = source, columns m = teacher
-        col_sharpness = _sharpness(affinity, 1)  # (P, M)
-        row_sharpness = _sharpness(affinity, 2)  # (P, N)
+        col_sharpness = _sharpness(affinity, 1)[0]  # (P, M)
+        row_sharpness = _sharpness(affinity, 2)[0]  # (P, N)
         affinity = affinity.clamp(CLAMP, 1 - CLAMP)
         B, N = positive.shape[0], affinity.shape[-1]
         # sum_{G=1} -log A'_nm (w_c[m] + w_r[n]) as the column and row sums of the masked -log A' against
