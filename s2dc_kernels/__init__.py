@@ -12,7 +12,7 @@ pure-PyTorch references with the same arguments):
 """
 
 from . import reference
-from ._utils import available_backends
+from ._utils import available_backends, value_checks
 from .similarity import cosine_similarity, knn, neighborhood_consistency
 from .sinkhorn import log_optimal_transport, sinkhorn, sinkhorn_features, sinkhorn_knopp
 
@@ -28,4 +28,5 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_features",
     "sinkhorn_knopp",
+    "value_checks",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -124,11 +126,28 @@ def resolve_backend(
     return backend
 
 
+_VALUE_CHECKS = contextvars.ContextVar("s2dc_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the ops' scans of their inputs' values (NaN/inf, data-dependent bounds: host synchronisations)
+    on or off inside the block (this thread / task only), e.g. ``with s2dc_kernels.value_checks(False):``
+    in a training step that checks its loss once instead. Shapes, dtypes and arguments are still checked."""
+    token = _VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
 def check_values() -> bool:
     """Whether to scan inputs for NaN/inf and other data-dependent conditions (host synchronisations): not
-    while torch.compile traces, nor during CUDA-graph capture, nor with S2DC_CHECK_VALUES=0."""
+    inside ``value_checks(False)``, while torch.compile traces, during CUDA-graph capture, nor with
+    S2DC_CHECK_VALUES=0."""
     return (
-        os.environ.get("S2DC_CHECK_VALUES", "1") != "0"
+        _VALUE_CHECKS.get()
+        and os.environ.get("S2DC_CHECK_VALUES", "1") != "0"
         and not torch.compiler.is_compiling()
         and not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
     )

@@ -293,6 +293,21 @@ def test_sinkhorn_bad_input(kwargs, error, match):
         sk.sinkhorn(args.pop("cost"), **args)
 
 
+def test_value_checks_context_turns_the_nan_scans_off_inside_only():
+    C = torch.rand(2, 5, 3)
+    C[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="cost contains NaN"):
+        sk.sinkhorn(C)
+    with sk.value_checks(False):
+        assert torch.isnan(sk.sinkhorn(C, backend="torch")[1]).any()  # not scanned: NaN in, NaN out
+        with sk.value_checks(True), pytest.raises(ValueError, match="cost contains NaN"):
+            sk.sinkhorn(C)
+        with pytest.raises(ValueError, match="eps"):  # arguments are still checked
+            sk.sinkhorn(C, eps=0.0)
+    with pytest.raises(ValueError, match="cost contains NaN"):
+        sk.sinkhorn(C)
+
+
 def test_bad_device_and_unavailable_backend():
     with pytest.raises(ValueError, match="device"):
         sk.sinkhorn(torch.rand(2, 5, 3), torch.ones(5, device="meta") / 5)
