@@ -17,6 +17,7 @@ import harness
 import torch
 import torch.nn.functional as F
 
+import s2dc_kernels
 from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
 
 # (B volumes, Z layers, N tokens per layer, d, crops per volume)
@@ -69,17 +70,25 @@ def term_inputs_of(inputs: Callable, part: slice, device: torch.device) -> tuple
     return inputs(device)[part]
 
 
+def as_trained(fn: Callable) -> Callable:
+    """fn as the training loop runs the losses: inside value_checks(False) (it checks the loss once)."""
+    return harness.provider(fn, context=functools.partial(s2dc_kernels.value_checks, False))
+
+
 def make_cases(args) -> list[harness.Case]:
     """The loss path per shape; on GPUs also each term alone (where the fused path's time goes)."""
     cases = []
     for shape in SHAPES[args.preset.name]:
         B, Z, N, d, crops = shape
-        providers = {"s2dc-fused": loss_path("fused", d), "eager": loss_path("reference", d)}
+        providers = {"s2dc-fused": as_trained(loss_path("fused", d)), "eager": loss_path("reference", d)}
         label = f"{B}x{Z}x{N}x{d} ({B * Z} problems)"
         inputs = functools.partial(loss_inputs, shape)
         cases.append(harness.Case("s2dc_loss_path", label, "fwd+bwd", inputs, providers))
         for term in ("L_p2p", "L_p2s", "L_nc", "L_g") if args.gpu else ():
-            providers = {"s2dc-fused": loss_term("fused", term, d), "eager": loss_term("reference", term, d)}
+            providers = {
+                "s2dc-fused": as_trained(loss_term("fused", term, d)),
+                "eager": loss_term("reference", term, d),
+            }
             part = slice(3, 5) if term == "L_g" else slice(3)
             term_inputs = functools.partial(term_inputs_of, inputs, part)
             cases.append(harness.Case(f"s2dc_loss_path {term}", label, "fwd+bwd", term_inputs, providers))

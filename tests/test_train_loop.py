@@ -144,6 +144,21 @@ def test_rerun_without_resume_keeps_the_run_folder_intact(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_diverged_loss_stops_the_run_before_the_update_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A NaN reaching the loss (the ops' own NaN scans are off in the loop) stops the run at that step with
+    the terms named; the checkpoint and metrics of the steps before stay as written."""
+    out = tmp_path / "run"
+    train(parse_args(run_args(out, "--steps", "2", "--save-every", "1")))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    from s2dc_kernels.train.losses import P2SLoss
+
+    forward = P2SLoss.forward
+    monkeypatch.setattr(P2SLoss, "forward", lambda *args, **kwargs: forward(*args, **kwargs) * float("nan"))
+    with pytest.raises(RunError, match=r"step 3: the loss is nan \(p2p [0-9.]+, p2s nan, nc [0-9.]+, g"):
+        train(parse_args(run_args(out, "--steps", "4", "--save-every", "1", "--resume")))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_resume_without_a_checkpoint_or_with_another_geometry_is_an_error(tmp_path):
     with pytest.raises(RunError, match="no checkpoint.pt"):
         train(parse_args(run_args(tmp_path / "empty", "--resume")))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import s2dc_kernels
 from s2dc_kernels.train.data import Geometry
 from s2dc_kernels.train.losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
 from s2dc_kernels.train.model import EMATeacher, Encoder3d, S2DCModel, projection_head
@@ -237,15 +238,14 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_fused_loss_path_syncs_with_the_host_once(monkeypatch):
-    """All four losses on the fused ops, forward and backward, with the input value scans off
-    (S2DC_CHECK_VALUES=0): one host sync, L_nc's k (it must be an int for the top-k)."""
-    monkeypatch.setenv("S2DC_CHECK_VALUES", "0")
+def test_fused_loss_path_syncs_with_the_host_once():
+    """All four losses on the fused ops, forward and backward, with the input value scans off (as the training
+    loop runs them): one host sync, L_nc's k (it must be an int for the top-k)."""
     q, k, truth = inputs(B=2, Z=2, N=12, d=8, matched=9, dtype=torch.float32)
     query, keys = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, 8)
     losses = P2PLoss("fused", n_iters=5), P2SLoss("fused"), NCLoss("fused"), GlobalLoss("fused", 8)
     generator = torch.Generator().manual_seed(0)
-    with HostSyncs() as syncs:
+    with s2dc_kernels.value_checks(False), HostSyncs() as syncs:
         scores = token_scores(q, k)
         total = sum(loss(q, k, truth, scores) for loss in losses[:2]) + losses[2](q, k, truth)
         (total + losses[3](query, keys, generator)).backward()

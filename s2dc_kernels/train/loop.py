@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._utils import value_checks
 from .data import Geometry, Views, VolumeDataset, bundled_volumes, collate, find_volumes
 from .losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
 from .model import EMATeacher, S2DCModel
@@ -36,7 +37,8 @@ STATE_SHAPING_ARGS = ("grid", "crop", "depth", "token_stride", "backbone", "queu
 
 
 class RunError(RuntimeError):
-    """The run folder does not fit the request (a run already there without --resume, or none to resume)."""
+    """The run cannot go on: the run folder does not fit the request (a run already there without --resume,
+    or none to resume), or the loss is no longer finite."""
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -124,23 +126,35 @@ class Trainer:
         self._sync()
         encoder_done = time.perf_counter()
 
-        # The loss path in fp32: the OT and similarity kernels take fp32/fp64 inputs.
+        # The loss path in fp32 (the OT and similarity kernels take fp32/fp64 inputs), forward and backward
+        # down to the encoder's outputs. The ops' input scans (host syncs) are off: the loss is checked once.
         terms = {}
-        if self.weights["p2p"] > 0 or self.weights["p2s"] > 0:  # their shared q k^T, computed once
-            scores = token_scores(student_tokens, teacher_tokens)
-        for term in ("p2p", "p2s"):
-            if self.weights[term] > 0:
-                terms[term] = self.losses[term](student_tokens, teacher_tokens, views.truth, scores=scores)
-        if self.weights["nc"] > 0:
-            terms["nc"] = self.losses["nc"](student_tokens, teacher_tokens, views.truth)
-        if use_global:
-            terms["g"] = self.losses["g"](student_pooled, teacher_keys, self.generator)
-        loss = sum(self.weights[t] * value for t, value in terms.items())
+        with value_checks(False):
+            if self.weights["p2p"] > 0 or self.weights["p2s"] > 0:  # their shared q k^T, computed once
+                scores = token_scores(student_tokens, teacher_tokens)
+            for term in ("p2p", "p2s"):
+                if self.weights[term] > 0:
+                    term_loss = self.losses[term]
+                    terms[term] = term_loss(student_tokens, teacher_tokens, views.truth, scores=scores)
+            if self.weights["nc"] > 0:
+                terms["nc"] = self.losses["nc"](student_tokens, teacher_tokens, views.truth)
+            if use_global:
+                terms["g"] = self.losses["g"](student_pooled, teacher_keys, self.generator)
+            loss = sum(self.weights[t] * value for t, value in terms.items())
+            outputs = [t for t in (student_tokens, student_pooled) if t.requires_grad]
+            grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         self._sync()
         loss_done = time.perf_counter()
+        if not torch.isfinite(loss):
+            values = ", ".join(f"{t} {value.item():.4g}" for t, value in terms.items())
+            raise RunError(
+                f"step {self.step_count + 1}: the loss is {loss.item()} ({values}): training diverged; the "
+                "model was not updated and the last checkpoint stays (try a lower --lr or --clip-grad)"
+            )
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        used = [(t, g) for t, g in zip(outputs, grads, strict=True) if g is not None]
+        torch.autograd.backward([t for t, _ in used], [g for _, g in used])  # the encoders' backward
         if self.args.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
         lr = self.scheduler.get_last_lr()[0]
