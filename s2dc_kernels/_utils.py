@@ -146,9 +146,9 @@ def check_values() -> bool:
     inside ``value_checks(False)``, while torch.compile traces, during CUDA-graph capture, nor with
     S2DC_CHECK_VALUES=0."""
     return (
-        _VALUE_CHECKS.get()
+        not torch.compiler.is_compiling()  # first: Dynamo does not trace ContextVar.get
+        and _VALUE_CHECKS.get()
         and os.environ.get("S2DC_CHECK_VALUES", "1") != "0"
-        and not torch.compiler.is_compiling()
         and not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
     )
 
