@@ -112,6 +112,8 @@ def naive_global(query, keys, queue, crop, temperature):
 
 @pytest.mark.parametrize("ops", ["fused", "reference"])
 def test_p2p_matches_naive(ops):
+    """Autograd through the formulation ("reference") and the fused Sinkhorn with the closed-form gradient of
+    the loss to log P ("fused")."""
     q, k, truth = inputs()
     loss = P2PLoss(ops, n_iters=20, alpha=0.7)(q, k, truth)
     (grad,) = torch.autograd.grad(loss, q)
@@ -120,6 +122,30 @@ def test_p2p_matches_naive(ops):
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(grad, q_naive.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_p2p_closed_form_gradient_where_the_clamp_cuts():
+    """The fused L_p2p's closed-form gradient to log P against autograd through the formulas, on log plans
+    whose entries fall below 1e-6 and above 1 - 1e-6 (the clamp passes no gradient there) and a volume
+    without negatives."""
+    from s2dc_kernels.train.losses import CLAMP, _masked_mean, _P2PClosedForm
+
+    B, Z, N, M = 2, 3, 7, 5
+    log_plan = (3 * torch.randn(B * Z, N + 1, M + 1, dtype=torch.float64)).clamp_max(0.5).requires_grad_()
+    with torch.no_grad():
+        log_plan[0, :2, :3] = -30.0  # P = 1e-13: clamped up
+        log_plan[1, 2, :2] = 1e-9  # P > 1 - 1e-6: clamped down
+    positive = (torch.rand(B, 1, N, M) < 0.3).double()
+    positive[1] = 1.0
+    grad_out = torch.randn(B * Z, dtype=torch.float64)
+    value = _P2PClosedForm.apply(log_plan, positive)
+    (grad,) = torch.autograd.grad(value, log_plan, grad_out)
+    plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
+    expected = _masked_mean(-torch.log(plan), positive) + _masked_mean(-torch.log(1 - plan), 1 - positive)
+    (expected_grad,) = torch.autograd.grad(expected, log_plan, grad_out)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    assert (grad[0, :2, :3] == 0).all() and (grad[1, 2, :2] == 0).all() and (grad[:, -1] == 0).all()
 
 
 @pytest.mark.parametrize("ops", ["fused", "reference"])

@@ -78,6 +78,13 @@ def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (total / weights.sum((-2, -1)).clamp_min(1)).reshape(-1)
 
 
+def _mean_weights(weights: Tensor, grad: Tensor) -> Tensor:
+    """The gradient of _masked_mean(values, weights) (per problem, weights (B, 1, N, M)) to its values, times
+    the upstream grad (P,): grad_p w_nm / max(1, sum w) -> (B, Z, N, M)."""
+    B = weights.shape[0]
+    return grad.view(B, -1, 1, 1) * (weights / weights.sum((-2, -1), keepdim=True).clamp_min(1))
+
+
 def _sharpness(affinity: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(max - mean) / std of affinity along dim, unbiased std: (sharpness, argmax, mean, std). On the CPU the
     std is two plain passes (torch.std reduces the strided dim 7x slower there at these shapes; same value
@@ -116,28 +123,24 @@ class _P2SClosedForm(torch.autograd.Function):
         masked = ((-torch.log(clamped)).view(B, -1, N, M) * positive).view(P, N, M)
         col_sums, row_sums = masked.sum(1), masked.sum(2)  # U (P, M), V (P, N)
         loss_pos = ((col_sums * col_weights).sum(-1) + (row_sums * row_weights).sum(-1)) / 2
-        negative = 1 - positive
-        n_negative = negative.sum((-2, -1)).clamp_min(1)  # (B, 1)
-        loss_neg = (-torch.log(1 - clamped)).view(B, -1, N, M).mul(negative).sum((-2, -1)) / n_negative
+        loss_neg = _masked_mean(-torch.log(1 - clamped), 1 - positive)
         ctx.save_for_backward(
-            affinity, positive, n_negative, col, col_argmax, col_mean, col_std, col_weights, col_sums,
+            affinity, positive, col, col_argmax, col_mean, col_std, col_weights, col_sums,
             row, row_argmax, row_mean, row_std, row_weights, row_sums,
         )  # fmt: skip
-        return loss_pos + loss_neg.view(P)
+        return loss_pos + loss_neg
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (affinity, positive, n_negative, col, col_argmax, col_mean, col_std, col_weights, col_sums,
+        (affinity, positive, col, col_argmax, col_mean, col_std, col_weights, col_sums,
          row, row_argmax, row_mean, row_std, row_weights, row_sums) = ctx.saved_tensors  # fmt: skip
         B, (P, N, M) = positive.shape[0], affinity.shape
         half = grad[:, None] / 2  # (P, 1)
         clamped = affinity.clamp(CLAMP, 1 - CLAMP)
         pos_weight = (half * col_weights)[:, None, :] + (half * row_weights)[:, :, None]  # (P, N, M)
-        neg_weight = (grad.view(B, -1) / n_negative)[..., None, None]  # (B, Z, 1, 1)
-        grad_a = (
-            (-pos_weight / clamped).view(B, -1, N, M) * positive
-            + neg_weight * (1 - positive) / (1 - clamped).view(B, -1, N, M)
-        ).view(P, N, M)
+        neg_weight = _mean_weights(1 - positive, grad)  # (B, Z, N, M)
+        grad_a = ((-pos_weight / clamped).view(B, -1, N, M) * positive).view(P, N, M)
+        grad_a = grad_a + (neg_weight / (1 - clamped).view(B, -1, N, M)).view(P, N, M)
         grad_a = grad_a * ((affinity >= CLAMP) & (affinity <= 1 - CLAMP))
         for dim, n, sharp, argmax, mean, std, weights, sums in (
             (1, N, col, col_argmax, col_mean, col_std, col_weights, col_sums),
@@ -151,6 +154,33 @@ class _P2SClosedForm(torch.autograd.Function):
         return grad_a / 2, None
 
 
+class _P2PClosedForm(torch.autograd.Function):
+    """L_p2p per problem from the dustbin log plan (see P2PLoss) with its gradient in closed form. Where the
+    clamp passes, d(-log P)/d(log P) = -1 and d(-log(1 - P))/d(log P) = P / (1 - P), so with Pos and Neg the
+    (at least 1) counts of G = 1 and G = 0 entries and the upstream gamma:
+        dL/d(log P)_nm = gamma ([G_nm = 0] P_nm / (1 - P_nm) / Neg - [G_nm = 1] / Pos)
+    on the N x M block, 0 on the dustbin row and column.
+    """
+
+    @staticmethod
+    def forward(ctx, log_plan: Tensor, positive: Tensor) -> Tensor:
+        """log_plan (P, N + 1, M + 1), positive (B, 1, N, M) 0/1 weights (P = B * Z) -> the losses (P,)."""
+        plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
+        ctx.save_for_backward(log_plan, positive)
+        return _masked_mean(-torch.log(plan), positive) + _masked_mean(-torch.log(1 - plan), 1 - positive)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        log_plan, positive = ctx.saved_tensors
+        B, (P, N, M) = positive.shape[0], log_plan[:, :-1, :-1].shape
+        plan = log_plan[:, :-1, :-1].exp()
+        clamped = plan.clamp(CLAMP, 1 - CLAMP)
+        odds = (clamped / (1 - clamped)).view(B, -1, N, M)
+        grad_block = _mean_weights(1 - positive, grad) * odds - _mean_weights(positive, grad)
+        grad_block = grad_block.view(P, N, M) * ((plan >= CLAMP) & (plan <= 1 - CLAMP))
+        return F.pad(grad_block, (0, 1, 0, 1)), None
+
+
 class P2PLoss(nn.Module):
     """L_p2p: patch-to-patch discrepancy through dustbin optimal transport (docs/method.md, section 2).
 
@@ -159,11 +189,13 @@ class P2PLoss(nn.Module):
         P     = clamp(exp(log P)[:N, :N], 1e-6, 1 - 1e-6)    (dustbin row and column dropped)
         L     = mean_{G=1} -log P + mean_{G=0} -log(1 - P)
     and the loss is the mean over problems. alpha is a fixed float, as in the official code (its Parameter
-    never reaches the optimiser). The gradient reaches q and k through all n_iters iterations.
+    never reaches the optimiser). The gradient reaches q and k through all n_iters iterations. "fused" runs
+    the fused dustbin Sinkhorn and takes the loss's gradient to log P in closed form (_P2PClosedForm).
     """
 
     def __init__(self, ops: str, n_iters: int = 100, alpha: float = 1.0):
         super().__init__()
+        self.ops = check_choice("ops", ops, OPS)
         self.log_optimal_transport = _kernel_op(ops, "log_optimal_transport")
         self.n_iters = check_int("n_iters", n_iters, 1)
         self.alpha = float(alpha)
@@ -173,6 +205,8 @@ class P2PLoss(nn.Module):
         positive = _positive_weights(q, k, truth)
         scores = _scores(q, k, scores)  # (B*Z, N, N)
         log_plan = self.log_optimal_transport(scores, self.alpha, self.n_iters)
+        if self.ops == "fused":
+            return _P2PClosedForm.apply(log_plan, positive).mean()
         plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
         loss_pos = _masked_mean(-torch.log(plan), positive)
         loss_neg = _masked_mean(-torch.log(1 - plan), 1 - positive)
