@@ -271,7 +271,7 @@ def make_cases(args) -> list[harness.Case]:
     for B, K, iters in KNOPP_SHAPES[preset]:
         providers = {
             f"s2dc-{b}": partial(s2dc_kernels.sinkhorn_knopp, eps=EPS, n_iters=iters, backend=b)
-            for b in harness.our_backends(("torch", "triton"), device)
+            for b in harness.our_backends(("torch", "cpp", "triton"), device)
         }
         providers["eager"] = partial(reference.sinkhorn_knopp, eps=EPS, n_iters=iters)
         providers["compile"] = partial(knopp_by_steps, compiled_swav, eps=EPS, n_iters=iters)

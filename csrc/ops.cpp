@@ -15,6 +15,9 @@ TORCH_LIBRARY(s2dc_C, m) {
   m.def(
       "sinkhorn_backward(Tensor C, Tensor log_a, Tensor log_b, float eps, Tensor f_hist, Tensor g_hist, "
       "Tensor n_done, Tensor grad_f, Tensor grad_g) -> (Tensor, Tensor, Tensor)");
+  // Q (B, K), rows summing to 1: SwAV / DINOv2 Sinkhorn-Knopp on logits (B, K) at temperature eps, n_iters
+  // iterations (prototype update, then sample update) in the log domain; no autograd. CPU only.
+  m.def("sinkhorn_knopp(Tensor logits, float eps, int n_iters) -> Tensor");
   // (values, indices) (B, N, k), best first (int64 indices into y's rows): the k largest cosine similarities
   // (metric 0) or inner products (1), or the k smallest Euclidean distances (2), of each row of x (B, N, D) among
   // the rows of y (B, M, D); exclude_self skips the pairs (i, i). Computed in block_rows x block_cols score tiles,

@@ -337,20 +337,23 @@ def _group_logsumexp(x: Tensor, dim: int | tuple[int, ...], group) -> Tensor:
 
 
 KNOPP_TRITON_MIN_ROWS = 2048  # "auto" takes the fused Sinkhorn-Knopp from this many samples (H200: 0.44x
-# PyTorch at 256 x 65536, 3.6-4x at 5000 and 8192 x 65536)
+# PyTorch at 256 x 65536, 3.6-4x at 5000 and 8192 x 65536; measured before the row half-step was split into
+# chunks for few samples, which is unmeasured)
 
 
-def _knopp_triton_unsupported(logits: Tensor, process_group) -> str | None:
-    """Why the fused Sinkhorn-Knopp cannot take these logits, or None."""
+def _knopp_fused_unsupported(backend: str, logits: Tensor, process_group) -> str | None:
+    """Why the fused Sinkhorn-Knopp of ``backend`` ("cpp" or "triton") cannot take these logits, or None."""
+    if backend == "torch":
+        return None
     if torch.compiler.is_compiling():
         return "it is not traced by torch.compile (use backend='torch')"
     if process_group is not None:
         return "process_group is not supported (use backend='torch')"
-    if logits.dtype == torch.float64:
-        return "float64 logits are not supported (use backend='torch')"
+    if backend == "triton" and logits.dtype == torch.float64:
+        return "float64 logits are not supported (use backend='torch' or, on CPUs, 'cpp')"
     if logits.requires_grad and torch.is_grad_enabled():
         return "logits that require grad are not supported (use backend='torch', or detach the logits)"
-    if logits.numel() >= 2**31:
+    if backend == "triton" and logits.numel() >= 2**31:
         return f"logits of {logits.numel()} entries exceed the kernel's int32 indexing"
     return None
 
@@ -376,9 +379,11 @@ def sinkhorn_knopp(
         n_iters: iterations, >= 1.
         process_group: when given, the batch is sharded across its ranks (B_total = B * world size) and the
             prototype sums are all-reduced, as in SwAV's distributed version.
-        backend: "auto", "torch" or "triton" (fused: one launch per half-step, float16/bfloat16/float32
-            logits computed in float32, no gradient, no process_group). "auto" takes "triton" on CUDA
-            tensors where it applies and B >= KNOPP_TRITON_MIN_ROWS, else "torch".
+        backend: "auto", "torch", "cpp" (fused C++ on CPU tensors: one pass over the logits per half-step,
+            float32/float64, float16/bfloat16 logits computed in float32) or "triton" (fused: one launch per
+            half-step, float16/bfloat16/float32 logits computed in float32); the fused backends have no
+            gradient and no process_group. "auto" takes "cpp" on CPU tensors and "triton" on CUDA tensors
+            with B >= KNOPP_TRITON_MIN_ROWS where they apply, else "torch".
     """
     check_tensor("logits", logits, (2,))
     eps = check_positive("eps", eps)
@@ -389,8 +394,8 @@ def sinkhorn_knopp(
         backend,
         op="sinkhorn_knopp",
         device=device,
-        supported=("torch", "triton"),
-        cannot_take=lambda b: _knopp_triton_unsupported(logits, process_group) if b == "triton" else None,
+        supported=("torch", "cpp", "triton"),
+        cannot_take=lambda b: _knopp_fused_unsupported(b, logits, process_group),
     )
     world = 1 if process_group is None else dist.get_world_size(process_group)
     B, K = logits.shape
@@ -404,6 +409,10 @@ def sinkhorn_knopp(
         from .triton_kernels import sinkhorn as triton_sinkhorn
 
         return triton_sinkhorn.sinkhorn_knopp(logits.float(), eps, n_iters).to(logits.dtype)
+    if backend == "cpp":
+        extension()  # registers torch.ops.s2dc_C
+        Q = torch.ops.s2dc_C.sinkhorn_knopp(logits.to(_solver_dtype(logits.dtype)), eps, n_iters)
+        return Q.to(logits.dtype)
     b_total = B * world
     L = logits / eps
     L = L - _group_logsumexp(L, (0, 1), process_group)

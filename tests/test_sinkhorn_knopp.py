@@ -102,13 +102,14 @@ def test_two_processes_on_gloo_equal_swav_distributed():
         assert torch.isfinite(results[rank][1]).all() and results[rank][1].abs().sum() > 0
 
 
-# ---------------------------------------------------------------- the fused (Triton) path
+# ---------------------------------------------------------------- the fused paths (C++, Triton)
 TRITON = backend_params(["triton"])
+FUSED = backend_params(["cpp", "triton"])
 
 
-@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("B,K,eps,n_iters", [(37, 70, 0.5, 3), (19, 200, 0.05, 1), (65, 33, 0.1, 4)])
-def test_triton_equals_torch(backend, device, B, K, eps, n_iters):
+def test_fused_equals_swav(backend, device, B, K, eps, n_iters):
     require_backend(backend, device)
     logits = torch.randn(B, K, device=device)
     ours = sk.sinkhorn_knopp(logits, eps=eps, n_iters=n_iters, backend=backend)
@@ -137,8 +138,8 @@ def test_triton_row_half_step_in_chunks(backend, device, B, K, chunks, monkeypat
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("backend,device", TRITON)
-def test_triton_finite_at_teacher_temperature(backend, device):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_fused_finite_at_teacher_temperature(backend, device):
     require_backend(backend, device)
     logits = 400 * torch.rand(9, 31, device=device) - 200
     Q = sk.sinkhorn_knopp(logits, eps=0.04, backend=backend)
@@ -148,13 +149,53 @@ def test_triton_finite_at_teacher_temperature(backend, device):
     torch.testing.assert_close(Q.double(), expected, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend,device", TRITON)
-def test_triton_rejects_what_it_cannot_do(backend, device):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_fused_rejects_what_it_cannot_do(backend, device):
     require_backend(backend, device)
     logits = torch.randn(4, 6, device=device)
-    with pytest.raises(ValueError, match="float64"):
-        sk.sinkhorn_knopp(logits.double(), backend=backend)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="float64"):
+            sk.sinkhorn_knopp(logits.double(), backend=backend)
+    with pytest.raises(ValueError, match="process_group"):  # rejected before the group is used: a stand-in
+        sk.sinkhorn_knopp(logits, backend=backend, process_group=object())
     with pytest.raises(ValueError, match="require grad"):
         sk.sinkhorn_knopp(logits.requires_grad_(), backend=backend)
     with torch.no_grad():  # targets are computed without gradient: then the fused path takes them
         assert torch.isfinite(sk.sinkhorn_knopp(logits, backend=backend)).all()
+
+
+# ---------------------------------------------------------------- the C++ path on larger odd shapes
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "B,K,eps,n_iters",
+    [(37, 1100, 0.1, 3), (1, 3000, 0.05, 2), (130, 1, 0.5, 3), (300, 517, 0.05, 5)],
+)
+def test_cpp_equals_swav_on_column_chunks(dtype, B, K, eps, n_iters):
+    """Several and ragged column chunks (512 float / 256 double columns), a single sample, a single
+    prototype, rows longer than a row block (1024 columns); float64 to rounding, float32 within 1e-5."""
+    require_backend("cpp", "cpu")
+    logits = 2 * torch.randn(B, K, dtype=dtype)
+    ours = sk.sinkhorn_knopp(logits, eps=eps, n_iters=n_iters, backend="cpp")
+    expected = swav_distributed_sinkhorn([logits.double()], eps, n_iters, 1)[0]
+    assert ours.dtype == dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(
+            ours.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()
+        )
+
+
+def test_cpp_is_auto_on_cpu_and_checks_its_arguments():
+    require_backend("cpp", "cpu")
+    logits = torch.randn(9, 40)
+    # bitwise equal to the explicit cpp call (the torch path differs in the last bits)
+    assert torch.equal(sk.sinkhorn_knopp(logits), sk.sinkhorn_knopp(logits, backend="cpp"))
+    op = torch.ops.s2dc_C.sinkhorn_knopp
+    with pytest.raises(RuntimeError, match="logits must be"):
+        op(logits[None], 0.05, 3)
+    with pytest.raises(RuntimeError, match="eps"):
+        op(logits, 0.0, 3)
+    with pytest.raises(RuntimeError, match="n_iters"):
+        op(logits, 0.05, 0)
+    torch.testing.assert_close(op(logits.t(), 0.05, 3), op(logits.t().contiguous(), 0.05, 3), rtol=0, atol=0)

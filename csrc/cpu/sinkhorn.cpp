@@ -482,3 +482,141 @@ template void sinkhorn_backward<double>(const SinkhornProblem<double>&, const do
                                         const double*, const double*, double*, double*, double*);
 
 }  // namespace s2dc::cpu
+
+// -------------------------------------------------------------- Sinkhorn-Knopp (SwAV / DINOv2) on logits
+// (see sinkhorn.h for the contract). Every log-sum-exp is exact: an online max shift per column (column
+// half-step) or per row (row half-step), the running sum rescaled by exp2(old shift - new shift) when the max
+// grows, so each entry costs one exponential per half-step and the logits are read once.
+//
+// Column half-step, per chunk of W columns (kKnoppColumnChunk): the B rows are walked in blocks of 16; per block,
+// the block max of every column (vertical vector maxima over the W columns), the running max updated and the
+// running sums rescaled (W exponentials per 16 rows), then exp2(p_i + x_ik - shift_k) of the block's rows added
+// while the block (16 x W entries, 32 KB) is still in L1. Row half-step, per row: the same in blocks of
+// kKnoppRowBlock columns (block max, then the shifted sum of the block, still in L1). Plan: one pass per row.
+//
+// Rounding: a potential is stored as (-log2 n - log2 sum) - shift, one rounding at the magnitude of the shift, and
+// the plan adds p_i to q_k + x_ik (the term of the row half-step, close to -p_i on the largest entries, where the
+// sum is exact): in float, Q is within a few ulps of |x| (relative) of the exact plan.
+//
+// Memory: O(1) scratch (stack) per call. DRAM traffic per half-step: the logits once; the plan reads them once
+// and writes Q once.
+namespace s2dc::cpu {
+namespace {
+
+// Columns per block of the row half-step (4 KB of float logits and of q: in L1 for the second pass).
+constexpr int64_t kKnoppRowBlock = 1024;
+
+// finite_shift for vector loops (a comparison and a select): the max shift, 0 where the max is infinite.
+template <typename T>
+[[gnu::always_inline]] inline T vector_finite_shift(T max) {
+  return std::abs(max) < kInf<T> ? max : T(0);
+}
+
+// q_k = -log2 K - LSE2_i(p_i + x_ik) for the `width` <= kKnoppColumnChunk columns from `col`.
+template <typename T>
+S2DC_TARGET_CLONES void knopp_column_chunk(const T* __restrict logits, int64_t B, int64_t K, T scale,
+                                           const T* __restrict p, T log2_K, int64_t col, int64_t width,
+                                           T* __restrict q) {
+  constexpr int64_t W = kKnoppColumnChunk<T>;
+  alignas(64) T max[W], shift[W], sum[W], block_max[W];
+  std::fill(max, max + width, -kInf<T>);
+  std::fill(sum, sum + width, T(0));
+  const T* __restrict chunk = logits + col;
+  for (int64_t first = 0; first < B; first += kRowBlock) {
+    const int64_t end = std::min(B, first + kRowBlock);
+    std::fill(block_max, block_max + width, -kInf<T>);
+    for (int64_t i = first; i < end; ++i) {
+      const T* __restrict row = chunk + i * K;
+      const T pi = p[i];
+#pragma omp simd
+      for (int64_t k = 0; k < width; ++k) block_max[k] = std::max(block_max[k], pi + scale * row[k]);
+    }
+    // New shift; the old sum rescaled (a select, not a product, where it is empty: 0 * inf would be NaN).
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) {
+      const T new_max = std::max(max[k], block_max[k]);
+      const T new_shift = vector_finite_shift(new_max);
+      const T factor = fast_exp2(vector_finite_shift(max[k]) - new_shift);
+      sum[k] = max[k] == -kInf<T> ? T(0) : sum[k] * factor;
+      max[k] = new_max;
+      shift[k] = new_shift;
+    }
+    for (int64_t i = first; i < end; ++i) {
+      const T* __restrict row = chunk + i * K;
+      const T pi = p[i];
+#pragma omp simd
+      for (int64_t k = 0; k < width; ++k) sum[k] += fast_exp2(pi + scale * row[k] - shift[k]);
+    }
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < width; ++k) q[col + k] = (-log2_K - fast_log2(sum[k])) - vector_finite_shift(max[k]);
+}
+
+// -log2 B - LSE2_k(q_k + x_k) of one row x = scale * row.
+template <typename T>
+S2DC_TARGET_CLONES T knopp_row_potential(const T* __restrict row, int64_t K, T scale, const T* __restrict q,
+                                         T log2_B) {
+  T max = -kInf<T>, sum = 0;
+  for (int64_t first = 0; first < K; first += kKnoppRowBlock) {
+    const int64_t end = std::min(K, first + kKnoppRowBlock);
+    T block_max = -kInf<T>;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t k = first; k < end; ++k) block_max = std::max(block_max, q[k] + scale * row[k]);
+    const T new_max = std::max(max, block_max);
+    const T shift = finite_shift(new_max);
+    T block_sum = 0;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t k = first; k < end; ++k) block_sum += fast_exp2(q[k] + scale * row[k] - shift);
+    sum = (max == -kInf<T> ? T(0) : sum * std::exp2(finite_shift(max) - shift)) + block_sum;
+    max = new_max;
+  }
+  return (-log2_B - std::log2(sum)) - finite_shift(max);
+}
+
+// Q_k = exp2(q_k + x_k + p + log2 B) of one row x = scale * row, summed in this order: q_k + x_k is the term of
+// the row half-step, close to -p on the largest entries, where adding p is then exact.
+template <typename T>
+S2DC_TARGET_CLONES void knopp_plan_row(const T* __restrict row, int64_t K, T scale, const T* __restrict q, T p,
+                                       T log2_B, T* __restrict out) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = fast_exp2(((q[k] + scale * row[k]) + p) + log2_B);
+}
+
+}  // namespace
+
+template <typename T>
+void knopp_column_update(const T* logits, int64_t B, int64_t K, T scale, const T* p, T* q, int64_t col_begin,
+                         int64_t col_end) {
+  const T log2_K = std::log2(T(K));
+  for (int64_t col = col_begin; col < col_end; col += kKnoppColumnChunk<T>) {
+    knopp_column_chunk(logits, B, K, scale, p, log2_K, col, std::min(kKnoppColumnChunk<T>, col_end - col), q);
+  }
+}
+
+template <typename T>
+void knopp_row_update(const T* logits, int64_t B, int64_t K, T scale, const T* q, T* p, int64_t row_begin,
+                      int64_t row_end) {
+  const T log2_B = std::log2(T(B));
+  for (int64_t i = row_begin; i < row_end; ++i) p[i] = knopp_row_potential(logits + i * K, K, scale, q, log2_B);
+}
+
+template <typename T>
+void knopp_plan(const T* logits, int64_t B, int64_t K, T scale, const T* p, const T* q, T* Q, int64_t row_begin,
+                int64_t row_end) {
+  const T log2_B = std::log2(T(B));
+  for (int64_t i = row_begin; i < row_end; ++i) knopp_plan_row(logits + i * K, K, scale, q, p[i], log2_B, Q + i * K);
+}
+
+template void knopp_column_update<float>(const float*, int64_t, int64_t, float, const float*, float*, int64_t,
+                                         int64_t);
+template void knopp_column_update<double>(const double*, int64_t, int64_t, double, const double*, double*, int64_t,
+                                          int64_t);
+template void knopp_row_update<float>(const float*, int64_t, int64_t, float, const float*, float*, int64_t, int64_t);
+template void knopp_row_update<double>(const double*, int64_t, int64_t, double, const double*, double*, int64_t,
+                                       int64_t);
+template void knopp_plan<float>(const float*, int64_t, int64_t, float, const float*, const float*, float*, int64_t,
+                                int64_t);
+template void knopp_plan<double>(const double*, int64_t, int64_t, double, const double*, const double*, double*,
+                                 int64_t, int64_t);
+
+}  // namespace s2dc::cpu

@@ -1,5 +1,6 @@
-// CPU implementations of s2dc_C::sinkhorn_forward / sinkhorn_backward (schemas in csrc/ops.cpp): argument
-// checks, outputs, dtype dispatch, and the loop over the batch around the torch-free kernels of sinkhorn.cpp.
+// CPU implementations of s2dc_C::sinkhorn_forward / sinkhorn_backward / sinkhorn_knopp (schemas in csrc/ops.cpp):
+// argument checks, outputs, dtype dispatch, and the loops over the batch or the half-steps around the torch-free
+// kernels of sinkhorn.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -7,7 +8,10 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "cpu/sinkhorn.h"
 #include "sinkhorn_checks.h"
@@ -87,10 +91,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_backward_cpu(
   return {grad_C, grad_log_a, grad_log_b};
 }
 
+// SwAV's Sinkhorn-Knopp on logits (B, K): p = 0, then n_iters times the column half-step (threads over chunks of
+// columns) and the row half-step (threads over rows); the last row half-step writes each row of Q right after its
+// potential, while the row is still in cache. Two scratch vectors, p (B) and q (K).
+at::Tensor sinkhorn_knopp_cpu(const at::Tensor& logits, double eps, int64_t n_iters) {
+  constexpr const char* op = "sinkhorn_knopp (cpu)";
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor, got one on ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, K), got shape ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, op,
+              ": logits must be float32 or float64, got ", logits.scalar_type());
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be finite and > 0, got ", eps);
+  TORCH_CHECK(n_iters >= 1, op, ": n_iters must be >= 1, got ", n_iters);
+  const at::Tensor L = logits.contiguous();
+  at::Tensor Q = at::empty_like(L, at::MemoryFormat::Contiguous);
+  const int64_t B = L.size(0), K = L.size(1);
+  if (B == 0 || K == 0) return Q;
+  // Rows per task: at least ~32K entries, so that short rows do not cost a task each.
+  const int64_t row_grain = std::max<int64_t>(1, (int64_t{1} << 15) / K);
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "sinkhorn_knopp_cpu", [&] {
+    const scalar_t* x = L.const_data_ptr<scalar_t>();
+    scalar_t* out = Q.mutable_data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(1.442695040888963407359924681001892137 / eps);  // log2(e) / eps
+    constexpr int64_t chunk = cpu::kKnoppColumnChunk<scalar_t>;
+    std::vector<scalar_t> p(B, scalar_t(0)), q(K);
+    for (int64_t t = 1; t <= n_iters; ++t) {
+      at::parallel_for(0, (K + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+        cpu::knopp_column_update(x, B, K, scale, p.data(), q.data(), begin * chunk, std::min(K, end * chunk));
+      });
+      const bool last = t == n_iters;
+      at::parallel_for(0, B, row_grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          cpu::knopp_row_update(x, B, K, scale, q.data(), p.data(), i, i + 1);
+          if (last) cpu::knopp_plan(x, B, K, scale, p.data(), q.data(), out, i, i + 1);
+        }
+      });
+    }
+  });
+  return Q;
+}
+
 }  // namespace
 }  // namespace s2dc
 
 TORCH_LIBRARY_IMPL(s2dc_C, CPU, m) {
   m.impl("sinkhorn_forward", &s2dc::sinkhorn_forward_cpu);
   m.impl("sinkhorn_backward", &s2dc::sinkhorn_backward_cpu);
+  m.impl("sinkhorn_knopp", &s2dc::sinkhorn_knopp_cpu);
 }

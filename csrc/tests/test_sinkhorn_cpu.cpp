@@ -1,7 +1,9 @@
 // Unit tests of the fused CPU Sinkhorn (csrc/cpu/sinkhorn.cpp): it must match a naive double-precision loop
 // written straight from the definition, forward and backward, in float and double, on small odd shapes with
 // zero-mass rows/columns, the tol stop, and the inputs that take its guarded paths; the naive backward itself is
-// checked against finite differences, and fast_exp2 / fast_log2 against std::exp2 / std::log2.
+// checked against finite differences, and fast_exp2 / fast_log2 against std::exp2 / std::log2. The Sinkhorn-Knopp
+// half-steps and plan match their naive loop on ragged column chunks, single rows and columns, and logits of +-400
+// at eps 0.04, and give infinite (never NaN) potentials from infinite ones.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -357,6 +359,119 @@ void test_fast_log2() {
   expect(std::isnan(s2dc::cpu::fast_log2(std::numeric_limits<T>::quiet_NaN())), name + ": log2(NaN) = NaN");
 }
 
+// ---------------------------------------------------------------- Sinkhorn-Knopp on logits
+struct Knopp {
+  Vec p, q, Q;
+};
+
+// The Sinkhorn-Knopp loop of sinkhorn.h in double, straight from its definition (base 2, x_ik = s L_ik).
+Knopp naive_knopp(const Vec& logits, int64_t B, int64_t K, double eps, int64_t n_iters) {
+  const double scale = 1.4426950408889634 / eps;
+  Knopp out{Vec(B, 0.0), Vec(K), Vec(B * K)};
+  Vec terms;
+  const double ln2 = std::log(2.0);
+  for (int64_t t = 1; t <= n_iters; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      terms.assign(B, 0.0);
+      for (int64_t i = 0; i < B; ++i) terms[i] = ln2 * (out.p[i] + scale * logits[i * K + k]);
+      out.q[k] = -std::log2(double(K)) - logsumexp(terms) / ln2;
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      terms.assign(K, 0.0);
+      for (int64_t k = 0; k < K; ++k) terms[k] = ln2 * (out.q[k] + scale * logits[i * K + k]);
+      out.p[i] = -std::log2(double(B)) - logsumexp(terms) / ln2;
+    }
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      out.Q[i * K + k] = std::exp2(out.p[i] + out.q[k] + scale * logits[i * K + k] + std::log2(double(B)));
+    }
+  }
+  return out;
+}
+
+// The three Sinkhorn-Knopp kernels in precision T against naive_knopp on the same (rounded to T) logits, uniform
+// in [-amplitude, amplitude], each half-step split into ranges as a parallel caller would split it (`col_split` columns,
+// not a multiple of the chunk, and `row_split` rows per call). Potentials within rtol of their scale (the
+// largest |x_ik|: the rounding of x_ik in T is relative to it), Q within rtol relative to that too (or below the
+// smallest normal exponent of fast_exp2, where it flushes to 0) and rows of Q summing to 1.
+template <typename T>
+void test_knopp_matches_naive(const std::string& name, int64_t B, int64_t K, double amplitude, double eps,
+                              int64_t n_iters, int64_t col_split, int64_t row_split, double rtol, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> uniform(-amplitude, amplitude);
+  std::vector<T> logits(B * K);
+  for (T& x : logits) x = T(uniform(rng));
+  const Vec wide = widen(logits);
+  const Knopp want = naive_knopp(wide, B, K, eps, n_iters);
+  const T scale = T(1.4426950408889634 / eps);
+  std::vector<T> p(B, T(0)), q(K, T(-1)), Q(B * K, T(-1));
+  for (int64_t t = 1; t <= n_iters; ++t) {
+    for (int64_t col = 0; col < K; col += col_split) {
+      s2dc::cpu::knopp_column_update(logits.data(), B, K, scale, p.data(), q.data(), col, std::min(K, col + col_split));
+    }
+    for (int64_t row = 0; row < B; row += row_split) {
+      s2dc::cpu::knopp_row_update(logits.data(), B, K, scale, q.data(), p.data(), row, std::min(B, row + row_split));
+    }
+  }
+  for (int64_t row = 0; row < B; row += row_split) {
+    s2dc::cpu::knopp_plan(logits.data(), B, K, scale, p.data(), q.data(), Q.data(), row, std::min(B, row + row_split));
+  }
+  double x_max = 1.0;
+  for (double x : wide) x_max = std::max(x_max, std::abs(x) / eps * 1.4426950408889634);
+  const std::string full = "knopp " + name + (sizeof(T) == 4 ? " float: " : " double: ");
+  expect_close(full + "p", widen(p), want.p, 0.0, rtol * x_max);
+  expect_close(full + "q", widen(q), want.q, 0.0, rtol * x_max);
+  const double smallest = std::exp2(double(s2dc::cpu::Exp2Traits<T>::kMinExponent));
+  expect_close(full + "Q", widen(Q), want.Q, rtol * x_max, smallest);
+  Vec row_sums(B, 0.0);
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t k = 0; k < K; ++k) row_sums[i] += double(Q[i * K + k]);
+  }
+  expect_close(full + "rows of Q sum to 1", row_sums, Vec(B, 1.0), 0.0, rtol * x_max);
+}
+
+// Infinite log-sum-exps: every term -inf gives -inf, a +inf term +inf, never NaN.
+template <typename T>
+void test_knopp_infinite_terms() {
+  const std::string name = sizeof(T) == 4 ? "knopp float: " : "knopp double: ";
+  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t B = 3, K = 600;  // two column chunks in float, three in double
+  const std::vector<T> logits(B * K, T(0.5));
+  std::vector<T> p(B, -inf), q(K, T(0));
+  s2dc::cpu::knopp_column_update(logits.data(), B, K, T(1), p.data(), q.data(), 0, K);
+  expect(std::all_of(q.begin(), q.end(), [&](T v) { return v == inf; }), name + "no mass in any row: q = +inf");
+  p[1] = inf;
+  s2dc::cpu::knopp_column_update(logits.data(), B, K, T(1), p.data(), q.data(), 0, K);
+  expect(std::all_of(q.begin(), q.end(), [&](T v) { return v == -inf; }), name + "a row p = +inf: q = -inf");
+  std::fill(q.begin(), q.end(), -inf);
+  s2dc::cpu::knopp_row_update(logits.data(), B, K, T(1), q.data(), p.data(), 0, B);
+  expect(std::all_of(p.begin(), p.end(), [&](T v) { return v == inf; }), name + "no mass in any column: p = +inf");
+  q[K - 1] = inf;
+  s2dc::cpu::knopp_row_update(logits.data(), B, K, T(1), q.data(), p.data(), 0, B);
+  expect(std::all_of(p.begin(), p.end(), [&](T v) { return v == -inf; }), name + "a column q = +inf: p = -inf");
+}
+
+void test_knopp_all() {
+  for (const int64_t rows : {int64_t(1), int64_t(5)}) {
+    test_knopp_matches_naive<double>("37x1000", 37, 1000, 3.0, 0.1, 3, 700, rows, 1e-14, 21);
+    test_knopp_matches_naive<float>("37x1000", 37, 1000, 3.0, 0.1, 3, 700, rows, 1e-6, 21);
+  }
+  // Ragged chunks and row blocks: 1 row, 1 column, a row of 2500 columns (1024-column blocks), 40 rows.
+  test_knopp_matches_naive<double>("1x2500", 1, 2500, 2.0, 0.05, 4, 2500, 1, 1e-14, 22);
+  test_knopp_matches_naive<float>("1x2500", 1, 2500, 2.0, 0.05, 4, 2500, 1, 1e-6, 22);
+  test_knopp_matches_naive<double>("40x1", 40, 1, 1.0, 0.5, 2, 1, 3, 1e-14, 23);
+  test_knopp_matches_naive<float>("40x1", 40, 1, 1.0, 0.5, 2, 1, 3, 1e-6, 23);
+  test_knopp_matches_naive<double>("1x1", 1, 1, 1.0, 0.5, 1, 1, 1, 1e-14, 24);
+  test_knopp_matches_naive<float>("1x1", 1, 1, 1.0, 0.5, 1, 1, 1, 1e-6, 24);
+  // Teacher temperature with logits of +-400 (x ~ 1e4 bits; exp of them overflows in any precision): finite,
+  // the float Q off by rounding of x_ik (1e-3 relative to the largest entries).
+  test_knopp_matches_naive<double>("19x300 logits +-400 eps 0.04", 19, 300, 400.0, 0.04, 3, 300, 2, 1e-14, 25);
+  test_knopp_matches_naive<float>("19x300 logits +-400 eps 0.04", 19, 300, 400.0, 0.04, 3, 300, 2, 1e-6, 25);
+  test_knopp_infinite_terms<float>();
+  test_knopp_infinite_terms<double>();
+}
+
 }  // namespace
 
 int main() {
@@ -397,6 +512,7 @@ int main() {
   test_float_does_not_drift(make_case("150x120 200 iterations", 150, 120, 0.05, 200, {}, {}, 14));
   // No mass at all: f = -inf, g = +inf, with no NaN anywhere.
   test_kernel_matches_naive_all(make_case("3x4 zero mass", 3, 4, 0.1, 3, {0, 1, 2}, {}, 11), 0.0);
+  test_knopp_all();
 
   if (failures) std::printf("%d check(s) failed\n", failures);
   else std::printf("all checks passed\n");
