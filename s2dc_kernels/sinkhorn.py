@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import (
@@ -274,13 +275,14 @@ def dustbin_problem(scores: Tensor, alpha: Tensor | float) -> tuple[Tensor, Tens
     """SuperGlue's dustbin OT as a Sinkhorn problem on (B, N, M) scores: the couplings Z (B, N+1, M+1) (solve
     with cost -Z, eps = 1), the log marginals log_mu (B, N+1) and log_nu (B, M+1), and norm = -log(N + M)."""
     B, N, M = scores.shape
-    alpha = torch.as_tensor(alpha, dtype=scores.dtype, device=scores.device).reshape(1, 1, 1)
-    couplings = torch.cat([torch.cat([scores, alpha.expand(B, N, 1)], -1), alpha.expand(B, 1, M + 1)], 1)
+    if isinstance(alpha, Tensor):  # it takes a gradient
+        alpha = torch.as_tensor(alpha, dtype=scores.dtype, device=scores.device).reshape(1, 1, 1)
+        couplings = torch.cat([torch.cat([scores, alpha.expand(B, N, 1)], -1), alpha.expand(B, 1, M + 1)], 1)
+    else:
+        couplings = F.pad(scores, (0, 1, 0, 1), value=float(alpha))
     norm = -math.log(N + M)
-    log_mu = scores.new_full((B, N + 1), norm)
-    log_mu[:, N] = math.log(M) + norm
-    log_nu = scores.new_full((B, M + 1), norm)
-    log_nu[:, M] = math.log(N) + norm
+    log_mu = F.pad(scores.new_full((B, N), norm), (0, 1), value=math.log(M) + norm)
+    log_nu = F.pad(scores.new_full((B, M), norm), (0, 1), value=math.log(N) + norm)
     return couplings, log_mu, log_nu, norm
 
 
