@@ -15,6 +15,7 @@ import torch
 
 from s2dc_kernels.train import RunError, main, parse_args, train
 from s2dc_kernels.train.data import DataError
+from s2dc_kernels.train.loop import Trainer
 
 nib = pytest.importorskip("nibabel")  # training only needs it; a bare GPU machine may lack it
 
@@ -145,8 +146,8 @@ def test_rerun_without_resume_keeps_the_run_folder_intact(tmp_path, capsys):
 
 
 def test_a_diverged_loss_stops_the_run_before_the_update_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    """A NaN reaching the loss (the ops' own NaN scans are off in the loop) stops the run at that step with
-    the terms named; the checkpoint and metrics of the steps before stay as written."""
+    """A NaN reaching the loss, or a non-finite encoder output (the ops' own NaN scans are off in the loop),
+    stops the run at that step, naming the terms; the checkpoint and metrics of the steps before stay."""
     out = tmp_path / "run"
     train(parse_args(run_args(out, "--steps", "2", "--save-every", "1")))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -155,6 +156,14 @@ def test_a_diverged_loss_stops_the_run_before_the_update_and_keeps_the_checkpoin
     forward = P2SLoss.forward
     monkeypatch.setattr(P2SLoss, "forward", lambda *args, **kwargs: forward(*args, **kwargs) * float("nan"))
     with pytest.raises(RunError, match=r"step 3: the loss is nan \(p2p [0-9.]+, p2s nan, nc [0-9.]+, g"):
+        train(parse_args(run_args(out, "--steps", "4", "--save-every", "1", "--resume")))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    encode = Trainer._encode  # an encoder output with an inf: stopped before the kernels see it
+    monkeypatch.setattr(
+        Trainer, "_encode", lambda *args: [t.clone().fill_(float("inf")) for t in encode(*args)]
+    )
+    with pytest.raises(RunError, match="step 3: the encoders' outputs are not finite: training diverged"):
         train(parse_args(run_args(out, "--steps", "4", "--save-every", "1", "--resume")))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

@@ -110,6 +110,13 @@ class Trainer:
             tokens, pooled = encoder(crops)
         return tokens.float(), pooled.float()
 
+    def _diverged(self, what: str) -> RunError:
+        """The error that stops a run whose step went non-finite (before the update)."""
+        return RunError(
+            f"step {self.step_count + 1}: {what}: training diverged; the model was not updated and the last "
+            "checkpoint stays (try a lower --lr, --clip-grad or --precision fp32)"
+        )
+
     def step(self) -> dict:
         """One optimiser step; returns its metrics line (``None`` for terms whose weight is 0)."""
         views = self._batch()
@@ -125,9 +132,17 @@ class Trainer:
             _, teacher_keys = self._encode(views.augmented, self.teacher)
         self._sync()
         encoder_done = time.perf_counter()
+        outputs = [student_tokens, student_pooled]
+        if use_tokens:
+            outputs.append(teacher_tokens)
+        if use_global:
+            outputs.append(teacher_keys)
+        if not _all_finite(outputs):  # the kernels below take them unscanned
+            raise self._diverged("the encoders' outputs are not finite")
 
         # The loss path in fp32 (the OT and similarity kernels take fp32/fp64 inputs), forward and backward
-        # down to the encoder's outputs. The ops' input scans (host syncs) are off: the loss is checked once.
+        # down to the encoder's outputs. The ops' input scans (host syncs) are off: the encoder outputs were
+        # checked above, the loss is checked once.
         terms = {}
         with value_checks(False):
             if self.weights["p2p"] > 0 or self.weights["p2s"] > 0:  # their shared q k^T, computed once
@@ -141,19 +156,16 @@ class Trainer:
             if use_global:
                 terms["g"] = self.losses["g"](student_pooled, teacher_keys, self.generator)
             loss = sum(self.weights[t] * value for t, value in terms.items())
-            outputs = [t for t in (student_tokens, student_pooled) if t.requires_grad]
-            grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+            student = [t for t in (student_tokens, student_pooled) if t.requires_grad]
+            grads = torch.autograd.grad(loss, student, allow_unused=True)
         self._sync()
         loss_done = time.perf_counter()
         if not torch.isfinite(loss):
             values = ", ".join(f"{t} {value.item():.4g}" for t, value in terms.items())
-            raise RunError(
-                f"step {self.step_count + 1}: the loss is {loss.item()} ({values}): training diverged; the "
-                "model was not updated and the last checkpoint stays (try a lower --lr or --clip-grad)"
-            )
+            raise self._diverged(f"the loss is {loss.item()} ({values})")
 
         self.optimizer.zero_grad(set_to_none=True)
-        used = [(t, g) for t, g in zip(outputs, grads, strict=True) if g is not None]
+        used = [(t, g) for t, g in zip(student, grads, strict=True) if g is not None]
         torch.autograd.backward([t for t, _ in used], [g for _, g in used])  # the encoders' backward
         if self.args.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
@@ -207,6 +219,13 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count = state["step"]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry is finite: one aminmax pass per tensor (NaN and inf propagate into the bounds) and
+    one host copy of all the bounds."""
+    bounds = torch.stack([bound.float() for t in tensors for bound in torch.aminmax(t.detach())])
+    return all(map(math.isfinite, bounds.tolist()))
 
 
 def _plain_args(args: argparse.Namespace) -> dict:
