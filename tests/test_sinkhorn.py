@@ -447,8 +447,7 @@ def test_launch_graphs_replay_and_stay_bounded():
     _GRAPH_CACHE_SIZE graphs and 4 times as many keys seen once."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    pytest.importorskip("triton")
-    from s2dc_kernels.triton_kernels._common import _GRAPH_CACHE_SIZE, LaunchGraphs
+    from s2dc_kernels._utils import _GRAPH_CACHE_SIZE, LaunchGraphs
 
     graphs = LaunchGraphs()
 

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, float_bits, float_from_bits, launch_graphs
+from .._utils import launch_graphs
+from ._common import LOG2E, float_bits, float_from_bits
 
 
 @triton.jit
@@ -806,7 +807,7 @@ def _split_blocks(N: int, M: int, dtype: torch.dtype) -> tuple[int, int, int, in
 
 def _split_forward(C, log_a, log_b, eps, n_iters, tol, f_hist, g_hist, n_done) -> None:
     """Fill f_hist, g_hist and n_done by 2 * n_iters launches (see sinkhorn_split_row_kernel), replayed as
-    one CUDA graph for small problems (see _LaunchGraphs)."""
+    one CUDA graph for small problems (see s2dc_kernels._utils.LaunchGraphs)."""
     B, N, M = C.shape
     row_n, row_m, col_n, col_m = _split_blocks(N, M, C.dtype)
     n_row_blocks, n_col_blocks = triton.cdiv(N, row_n), triton.cdiv(M, col_m)

@@ -21,7 +21,7 @@ fill the GPU, the columns are split among programs that write partial LSEs, comb
 kernel; otherwise the LSE kernel finishes the update itself. One to two launches per half-step, no host
 synchronisation: the stop lives in device buffers (err_part, stopped, n_done) as in the split regime of
 ``triton_kernels/sinkhorn.py``; f alternates between two buffers so that a stopping problem keeps f^{t-1}.
-On CUDA the launches of a solve are replayed as one CUDA graph (``_common.launch_graphs``; the
+On CUDA the launches of a solve are replayed as one CUDA graph (``_utils.launch_graphs``; the
 graph copies only the O((N + M) d) inputs in).
 
 Value and envelope gradients: one more streamed pass over the plan P_ij = exp2(hx_i + hy_j + gamma s S_ij),
@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, float_bits, float_from_bits, launch_graphs
+from .._utils import launch_graphs
+from ._common import LOG2E, float_bits, float_from_bits
 
 
 @triton.jit
