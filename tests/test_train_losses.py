@@ -250,6 +250,27 @@ def test_fused_equals_reference(loss_class):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss_class", [P2PLoss, P2SLoss])
+def test_fused_terms_replayed_as_cuda_graphs_equal_the_direct_run(loss_class, monkeypatch):
+    """On GPUs the closed forms run as CUDA graphs (the first call directly, the second captured, later ones
+    replayed): every call, on its own inputs, equals the same term with graphs off (S2DC_CUDA_GRAPHS=0)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    loss = loss_class("fused")
+    for _ in range(4):
+        q, k, truth = (t.detach().cuda() for t in inputs(B=2, Z=3, N=12, d=8, matched=9, dtype=torch.float32))
+        q.requires_grad_()
+        value = loss(q, k, truth)
+        (grad,) = torch.autograd.grad(value, q)
+        with monkeypatch.context() as direct:
+            direct.setenv("S2DC_CUDA_GRAPHS", "0")
+            expected = loss(q, k, truth)
+            (expected_grad,) = torch.autograd.grad(expected, q)
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+
+
 class HostSyncs(TorchDispatchMode):
     """Counts the ops that copy a device value to the host (a stall of the GPU's launch queue each)."""
 

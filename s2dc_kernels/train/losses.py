@@ -14,6 +14,7 @@ Each module returns an unweighted scalar; the training loop applies the weights 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 import s2dc_kernels
 from s2dc_kernels import reference
-from s2dc_kernels._utils import check_choice, check_int, check_positive
+from s2dc_kernels._utils import check_choice, check_int, check_positive, launch_graphs
 
 OPS = ("fused", "reference")
 CLAMP = 1e-6  # probabilities are clamped to [CLAMP, 1 - CLAMP] before the logs (official value)
@@ -98,10 +99,64 @@ def _sharpness(affinity: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tens
     return (top - mean) / std, argmax, mean, std
 
 
+def _replayed(key: str, fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+    """fn(*inputs) into ``out``, replayed as one CUDA graph on GPUs (launch_graphs: the closed forms below are
+    dozens of small kernels, whose launches cost more than their work); fn(*inputs) itself elsewhere."""
+    if not out.is_cuda:
+        return fn(*inputs)
+    launch_graphs.run((key,), lambda *args: args[-1].copy_(fn(*args[:-1])), inputs, (out,))
+    return out
+
+
+def _p2s_forward(scores: Tensor, positive: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """L_p2s per problem (see P2SLoss) of scores (P, N, M) = q k^T and the 0/1 weights positive (B, 1, N, M)
+    (P = B * Z) -> (the losses (P,), the statistics that _p2s_backward takes)."""
+    B, (P, N, M) = positive.shape[0], scores.shape
+    affinity = (1 + scores) / 2
+    col, col_argmax, col_mean, col_std = _sharpness(affinity, 1)  # (P, M)
+    row, row_argmax, row_mean, row_std = _sharpness(affinity, 2)  # (P, N)
+    col_weights, row_weights = F.softmax(col, -1), F.softmax(row, -1)
+    clamped = affinity.clamp(CLAMP, 1 - CLAMP)
+    masked = ((-torch.log(clamped)).view(B, -1, N, M) * positive).view(P, N, M)
+    col_sums, row_sums = masked.sum(1), masked.sum(2)  # U (P, M), V (P, N)
+    loss_pos = ((col_sums * col_weights).sum(-1) + (row_sums * row_weights).sum(-1)) / 2
+    loss_neg = _masked_mean(-torch.log(1 - clamped), 1 - positive)
+    stats = (col, col_argmax, col_mean, col_std, col_weights, col_sums)
+    stats += (row, row_argmax, row_mean, row_std, row_weights, row_sums)
+    return loss_pos + loss_neg, stats
+
+
+def _p2s_backward(scores: Tensor, positive: Tensor, stats: tuple[Tensor, ...], grad: Tensor) -> Tensor:
+    """dL/dscores (P, N, M) of the L_p2s losses given their upstream gradient grad (P,) (see
+    _P2SClosedForm for the formulas)."""
+    B, (P, N, M) = positive.shape[0], scores.shape
+    affinity = (1 + scores) / 2
+    col, col_argmax, col_mean, col_std, col_weights, col_sums = stats[:6]
+    row, row_argmax, row_mean, row_std, row_weights, row_sums = stats[6:]
+    half = grad[:, None] / 2  # (P, 1)
+    clamped = affinity.clamp(CLAMP, 1 - CLAMP)
+    pos_weight = (half * col_weights)[:, None, :] + (half * row_weights)[:, :, None]  # (P, N, M)
+    neg_weight = _mean_weights(1 - positive, grad)  # (B, Z, N, M)
+    grad_a = ((-pos_weight / clamped).view(B, -1, N, M) * positive).view(P, N, M)
+    grad_a = grad_a + (neg_weight / (1 - clamped).view(B, -1, N, M)).view(P, N, M)
+    grad_a = grad_a * ((affinity >= CLAMP) & (affinity <= 1 - CLAMP))
+    for dim, n, sharp, argmax, mean, std, weights, sums in (
+        (1, N, col, col_argmax, col_mean, col_std, col_weights, col_sums),
+        (2, M, row, row_argmax, row_mean, row_std, row_weights, row_sums),
+    ):
+        d_sharp = half * weights * (sums - (weights * sums).sum(-1, keepdim=True))
+        scaled = (d_sharp / std).unsqueeze(dim)
+        centred = affinity - mean.unsqueeze(dim)
+        grad_a = grad_a - scaled / n - (scaled * (sharp / ((n - 1) * std)).unsqueeze(dim)) * centred
+        grad_a = grad_a.scatter_add(dim, argmax.unsqueeze(dim), scaled)
+    return grad_a / 2
+
+
 class _P2SClosedForm(torch.autograd.Function):
     """L_p2s per problem (see P2SLoss) with its gradient in closed form: the term (q k^T given) dispatches 54
-    ops forward and 71 backward, against 58 and 102 for autograd through the formulas (each op a kernel
-    launch on GPUs, where the loss path is launch-bound).
+    ops forward and 71 backward, against 58 and 102 for autograd through the formulas. On GPUs, where each op
+    is a kernel launch and the loss path is launch-bound, each direction is replayed as one CUDA graph (the
+    backward then recomputes the forward's statistics: no copies out of the graph).
 
     With A the affinity, A' = clamp(A), U_m = sum_n G_nm (-log A'_nm), V_n = sum_m G_nm (-log A'_nm), c/r
     the column/row sharpness, w = softmax(c), v = softmax(r), Neg = max(1, #{G = 0}) and the upstream gamma:
@@ -114,50 +169,50 @@ class _P2SClosedForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, positive: Tensor) -> Tensor:
         """scores (P, N, M) = q k^T, positive (B, 1, N, M) 0/1 weights (P = B * Z) -> the losses (P,)."""
-        B, (P, N, M) = positive.shape[0], scores.shape
-        affinity = (1 + scores) / 2
-        col, col_argmax, col_mean, col_std = _sharpness(affinity, 1)  # (P, M)
-        row, row_argmax, row_mean, row_std = _sharpness(affinity, 2)  # (P, N)
-        col_weights, row_weights = F.softmax(col, -1), F.softmax(row, -1)
-        clamped = affinity.clamp(CLAMP, 1 - CLAMP)
-        masked = ((-torch.log(clamped)).view(B, -1, N, M) * positive).view(P, N, M)
-        col_sums, row_sums = masked.sum(1), masked.sum(2)  # U (P, M), V (P, N)
-        loss_pos = ((col_sums * col_weights).sum(-1) + (row_sums * row_weights).sum(-1)) / 2
-        loss_neg = _masked_mean(-torch.log(1 - clamped), 1 - positive)
-        ctx.save_for_backward(
-            affinity, positive, col, col_argmax, col_mean, col_std, col_weights, col_sums,
-            row, row_argmax, row_mean, row_std, row_weights, row_sums,
-        )  # fmt: skip
-        return loss_pos + loss_neg
+        if scores.is_cuda:
+            ctx.save_for_backward(scores, positive)
+            losses = scores.new_empty(scores.shape[0])
+            return _replayed("p2s forward", lambda s, g: _p2s_forward(s, g)[0], (scores, positive), losses)
+        losses, stats = _p2s_forward(scores, positive)
+        ctx.save_for_backward(scores, positive, *stats)
+        return losses
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (affinity, positive, col, col_argmax, col_mean, col_std, col_weights, col_sums,
-         row, row_argmax, row_mean, row_std, row_weights, row_sums) = ctx.saved_tensors  # fmt: skip
-        B, (P, N, M) = positive.shape[0], affinity.shape
-        half = grad[:, None] / 2  # (P, 1)
-        clamped = affinity.clamp(CLAMP, 1 - CLAMP)
-        pos_weight = (half * col_weights)[:, None, :] + (half * row_weights)[:, :, None]  # (P, N, M)
-        neg_weight = _mean_weights(1 - positive, grad)  # (B, Z, N, M)
-        grad_a = ((-pos_weight / clamped).view(B, -1, N, M) * positive).view(P, N, M)
-        grad_a = grad_a + (neg_weight / (1 - clamped).view(B, -1, N, M)).view(P, N, M)
-        grad_a = grad_a * ((affinity >= CLAMP) & (affinity <= 1 - CLAMP))
-        for dim, n, sharp, argmax, mean, std, weights, sums in (
-            (1, N, col, col_argmax, col_mean, col_std, col_weights, col_sums),
-            (2, M, row, row_argmax, row_mean, row_std, row_weights, row_sums),
-        ):
-            d_sharp = half * weights * (sums - (weights * sums).sum(-1, keepdim=True))
-            scaled = (d_sharp / std).unsqueeze(dim)
-            centred = affinity - mean.unsqueeze(dim)
-            grad_a = grad_a - scaled / n - (scaled * (sharp / ((n - 1) * std)).unsqueeze(dim)) * centred
-            grad_a = grad_a.scatter_add(dim, argmax.unsqueeze(dim), scaled)
-        return grad_a / 2, None
+        scores, positive, *stats = ctx.saved_tensors
+        if stats:
+            return _p2s_backward(scores, positive, tuple(stats), grad), None
+
+        def recomputed(scores: Tensor, positive: Tensor, grad: Tensor) -> Tensor:
+            return _p2s_backward(scores, positive, _p2s_forward(scores, positive)[1], grad)
+
+        return _replayed("p2s backward", recomputed, (scores, positive, grad), torch.empty_like(scores)), None
+
+
+def _p2p_losses(log_plan: Tensor, positive: Tensor) -> Tensor:
+    """L_p2p per problem (see P2PLoss) of the log plan (P, N + 1, M + 1) and the 0/1 weights positive
+    (B, 1, N, M) (P = B * Z) -> (P,)."""
+    plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
+    return _masked_mean(-torch.log(plan), positive) + _masked_mean(-torch.log(1 - plan), 1 - positive)
+
+
+def _p2p_grad(log_plan: Tensor, positive: Tensor, grad: Tensor) -> Tensor:
+    """dL/dlog_plan (P, N + 1, M + 1) of the L_p2p losses given their upstream gradient grad (P,) (see
+    _P2PClosedForm for the formula)."""
+    B, (P, N, M) = positive.shape[0], log_plan[:, :-1, :-1].shape
+    plan = log_plan[:, :-1, :-1].exp()
+    clamped = plan.clamp(CLAMP, 1 - CLAMP)
+    odds = (clamped / (1 - clamped)).view(B, -1, N, M)
+    grad_block = _mean_weights(1 - positive, grad) * odds - _mean_weights(positive, grad)
+    grad_block = grad_block.view(P, N, M) * ((plan >= CLAMP) & (plan <= 1 - CLAMP))
+    return F.pad(grad_block, (0, 1, 0, 1))
 
 
 class _P2PClosedForm(torch.autograd.Function):
-    """L_p2p per problem from the dustbin log plan (see P2PLoss) with its gradient in closed form. Where the
-    clamp passes, d(-log P)/d(log P) = -1 and d(-log(1 - P))/d(log P) = P / (1 - P), so with Pos and Neg the
-    (at least 1) counts of G = 1 and G = 0 entries and the upstream gamma:
+    """L_p2p per problem from the dustbin log plan (see P2PLoss) with its gradient in closed form, each
+    direction one CUDA graph on GPUs. Where the clamp passes, d(-log P)/d(log P) = -1 and
+    d(-log(1 - P))/d(log P) = P / (1 - P), so with Pos and Neg the (at least 1) counts of G = 1 and G = 0
+    entries and the upstream gamma:
         dL/d(log P)_nm = gamma ([G_nm = 0] P_nm / (1 - P_nm) / Neg - [G_nm = 1] / Pos)
     on the N x M block, 0 on the dustbin row and column.
     """
@@ -165,20 +220,15 @@ class _P2PClosedForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_plan: Tensor, positive: Tensor) -> Tensor:
         """log_plan (P, N + 1, M + 1), positive (B, 1, N, M) 0/1 weights (P = B * Z) -> the losses (P,)."""
-        plan = log_plan[:, :-1, :-1].exp().clamp(CLAMP, 1 - CLAMP)
         ctx.save_for_backward(log_plan, positive)
-        return _masked_mean(-torch.log(plan), positive) + _masked_mean(-torch.log(1 - plan), 1 - positive)
+        losses = log_plan.new_empty(log_plan.shape[0])
+        return _replayed("p2p forward", _p2p_losses, (log_plan, positive), losses)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         log_plan, positive = ctx.saved_tensors
-        B, (P, N, M) = positive.shape[0], log_plan[:, :-1, :-1].shape
-        plan = log_plan[:, :-1, :-1].exp()
-        clamped = plan.clamp(CLAMP, 1 - CLAMP)
-        odds = (clamped / (1 - clamped)).view(B, -1, N, M)
-        grad_block = _mean_weights(1 - positive, grad) * odds - _mean_weights(positive, grad)
-        grad_block = grad_block.view(P, N, M) * ((plan >= CLAMP) & (plan <= 1 - CLAMP))
-        return F.pad(grad_block, (0, 1, 0, 1)), None
+        grad_log_plan = torch.empty_like(log_plan)
+        return _replayed("p2p backward", _p2p_grad, (log_plan, positive, grad), grad_log_plan), None
 
 
 class P2PLoss(nn.Module):
