@@ -3,6 +3,7 @@ fused vs reference ops, the sanity values of docs/method.md section 7, the EMA t
 model's layout."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -297,6 +298,37 @@ def test_fused_loss_path_syncs_with_the_host_once():
         total = sum(loss(q, k, truth, scores) for loss in losses[:2]) + losses[2](q, k, truth)
         (total + losses[3](query, keys, generator)).backward()
     assert syncs.count == 1
+
+
+@pytest.mark.cuda
+def test_fused_loss_path_syncs_with_the_host_once_on_a_gpu():
+    """The same on a GPU, by CUDA's own detection of synchronising calls (which also sees blocking copies
+    between host and device), on the calls after the first two (which capture CUDA graphs)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    q, k, truth = (t.detach().cuda() for t in inputs(B=2, Z=2, N=12, d=8, matched=9, dtype=torch.float32))
+    query, keys = torch.randn(2, 4, 8, device="cuda", requires_grad=True), torch.randn(2, 4, 8, device="cuda")
+    q.requires_grad_()
+    losses = P2PLoss("fused", n_iters=5), P2SLoss("fused"), NCLoss("fused"), GlobalLoss("fused", 8).cuda()
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        scores = token_scores(q, k)
+        total = sum(loss(q, k, truth, scores) for loss in losses[:2]) + losses[2](q, k, truth)
+        (total + losses[3](query, keys, generator)).backward()
+
+    with s2dc_kernels.value_checks(False):
+        step(), step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
 
 
 # ---- sanity values of docs/method.md section 7 -------------------------------------------------------------

@@ -386,7 +386,9 @@ class GlobalLoss(nn.Module):
             )
         B, n_crops, _ = query.shape
         keys = keys.detach()
-        crop = torch.randint(n_crops, (B,), generator=generator, device=generator.device).to(query.device)
+        crop = torch.randint(n_crops, (B,), generator=generator, device=generator.device)
+        if crop.device != query.device:  # pinned: a copy from pageable memory would wait for the GPU's queue
+            crop = (crop.pin_memory() if query.is_cuda else crop).to(query.device, non_blocking=True)
         volume = torch.arange(B, device=query.device)
         anchor, positive = query[volume, crop], keys[volume, crop]  # (B, d)
         others = torch.arange(n_crops - 1, device=query.device).expand(B, -1)
