@@ -10,8 +10,10 @@ training issue's target.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import harness
 import torch
@@ -70,9 +72,25 @@ def term_inputs_of(inputs: Callable, part: slice, device: torch.device) -> tuple
     return inputs(device)[part]
 
 
-def as_trained(fn: Callable) -> Callable:
-    """fn as the training loop runs the losses: inside value_checks(False) (it checks the loss once)."""
-    return harness.provider(fn, context=functools.partial(s2dc_kernels.value_checks, False))
+@contextlib.contextmanager
+def trained_with(backend: str) -> Iterator[None]:
+    """As the training loop runs the losses: value_checks(False) (it checks the loss once); with
+    S2DC_BACKEND=backend unless "auto" (the ops that implement it take it)."""
+    previous = os.environ.get("S2DC_BACKEND")
+    os.environ["S2DC_BACKEND"] = backend
+    try:
+        with s2dc_kernels.value_checks(False):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["S2DC_BACKEND"]
+        else:
+            os.environ["S2DC_BACKEND"] = previous
+
+
+def as_trained(fn: Callable, backend: str = "auto") -> Callable:
+    """fn as a provider run as the training loop runs the losses (see trained_with)."""
+    return harness.provider(fn, context=functools.partial(trained_with, backend))
 
 
 def make_cases(args) -> list[harness.Case]:
@@ -81,6 +99,8 @@ def make_cases(args) -> list[harness.Case]:
     for shape in SHAPES[args.preset.name]:
         B, Z, N, d, crops = shape
         providers = {"s2dc-fused": as_trained(loss_path("fused", d)), "eager": loss_path("reference", d)}
+        if args.gpu and s2dc_kernels.available_backends()["cuda"]:  # L_p2p on the CUDA C++ Sinkhorn
+            providers["s2dc-fused-cuda"] = as_trained(loss_path("fused", d), backend="cuda")
         label = f"{B}x{Z}x{N}x{d} ({B * Z} problems)"
         inputs = functools.partial(loss_inputs, shape)
         cases.append(harness.Case("s2dc_loss_path", label, "fwd+bwd", inputs, providers))

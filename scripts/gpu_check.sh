@@ -76,7 +76,7 @@ tail -n 3 "$out/tests.log"
 # eager-topk, the bare bmm floor and FlashSinkhorn (when its wheel is in .whl/), but not torch.compile, POT or
 # the per-problem loop, whose compile or run times do not fit one check (BENCH_FLAGS=" " runs every provider).
 scripts=(${BENCH_SCRIPTS:-bench_sinkhorn bench_similarity bench_train})
-ours=s2dc-triton,s2dc-triton-program,s2dc-triton-split,s2dc-triton-tf32,s2dc-triton-bf16,s2dc-cuda,s2dc-fused
+ours=s2dc-triton,s2dc-triton-program,s2dc-triton-split,s2dc-triton-tf32,s2dc-triton-bf16,s2dc-cuda,s2dc-fused,s2dc-fused-cuda
 BENCH_FLAGS=${BENCH_FLAGS:---providers $ours,eager,eager-topk,bmm,flash-sinkhorn}
 train_seconds=120
 for i in "${!scripts[@]}"; do
