@@ -205,16 +205,23 @@ def test_nc_clamps_k_and_leaves_out_volumes_without_matches():
     assert empty.item() == 0.0 and empty.requires_grad
 
 
-def test_global_matches_naive_and_updates_queue():
-    B, n_crops, d = 2, 4, 6
-    loss_module = GlobalLoss("fused", d, temperature=0.9, queue_size=5)
+@pytest.mark.parametrize("ops", ["fused", "reference"])
+def test_global_matches_naive_and_updates_queue(ops):
+    """Value and gradient (autograd through the formulas, or the closed form of "fused") against the naive
+    loop; the queue update."""
+    B, n_crops, d = 3, 5, 6
+    loss_module = GlobalLoss(ops, d, temperature=0.9, queue_size=5)
     queue_before = loss_module.queue.clone()
     query = torch.randn(B, n_crops, d, dtype=torch.float64, requires_grad=True)
     keys = torch.randn(B, n_crops, d, dtype=torch.float64)
     loss = loss_module(query, keys, torch.Generator().manual_seed(3))
+    (grad,) = torch.autograd.grad(3 * loss, query)
     crop = torch.randint(n_crops, (B,), generator=torch.Generator().manual_seed(3))
     expected = naive_global(query, keys, queue_before.double(), crop, 0.9)
-    torch.testing.assert_close(loss, expected)
+    (expected_grad,) = torch.autograd.grad(3 * expected, query)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    assert (grad.abs().sum(-1) > 0).sum() == B  # only the chosen crops' rows
     positives = keys[torch.arange(B), crop].float()
     torch.testing.assert_close(loss_module.queue[:B], positives)  # FIFO: the positives enter at the pointer
     torch.testing.assert_close(loss_module.queue[B:], queue_before[B:])
@@ -268,6 +275,30 @@ def test_fused_terms_replayed_as_cuda_graphs_equal_the_direct_run(loss_class, mo
             direct.setenv("S2DC_CUDA_GRAPHS", "0")
             expected = loss(q, k, truth)
             (expected_grad,) = torch.autograd.grad(expected, q)
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_fused_global_loss_replayed_as_cuda_graphs_equals_the_direct_run(monkeypatch):
+    """L_g's closed form as CUDA graphs (direct, captured, replayed calls) against S2DC_CUDA_GRAPHS=0 on the
+    same crops and queue."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    loss = GlobalLoss("fused", 8, queue_size=6).cuda()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        query = torch.randn(3, 4, 8, device="cuda", requires_grad=True)
+        keys = torch.randn(3, 4, 8, device="cuda")
+        state, generator_state = {k: v.clone() for k, v in loss.state_dict().items()}, generator.get_state()
+        with monkeypatch.context() as direct:
+            direct.setenv("S2DC_CUDA_GRAPHS", "0")
+            expected = loss(query, keys, generator)
+            (expected_grad,) = torch.autograd.grad(expected, query)
+        loss.load_state_dict(state)
+        generator.set_state(generator_state)
+        value = loss(query, keys, generator)
+        (grad,) = torch.autograd.grad(value, query)
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
 

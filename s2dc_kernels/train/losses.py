@@ -351,6 +351,66 @@ class NCLoss(nn.Module):
         )
 
 
+def _global_logits(
+    query: Tensor, keys: Tensor, crop: Tensor, queue: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """L_g's logits (B, 1 + n) / temperature (the positive first), the positives (B, d) and the n negatives
+    (n, d) of query, keys (B, n_crops, d), the chosen crops (B,) and the queue (see GlobalLoss)."""
+    B, n_crops, d = query.shape
+    volume = torch.arange(B, device=query.device)
+    anchor, positive = query[volume, crop], keys[volume, crop]  # (B, d)
+    others = torch.arange(n_crops - 1, device=query.device).expand(B, -1)
+    others = others + (others >= crop[:, None])  # (B, n_crops - 1): each volume's other crops, in order
+    unchosen = keys.gather(1, others[..., None].expand(-1, -1, d))  # no host sync
+    negatives = torch.cat([unchosen.flatten(0, 1), queue.to(keys.dtype)])  # (B*(n_crops-1)+queue, d)
+    logits = torch.cat([(anchor * positive).sum(-1, keepdim=True), anchor @ negatives.T], 1) / temperature
+    return logits, positive, negatives
+
+
+def _global_loss(query: Tensor, keys: Tensor, crop: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """L_g (0-dim): the mean over volumes of the cross entropy of the logits against the positive."""
+    logits = _global_logits(query, keys, crop, queue, temperature)[0]
+    return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
+
+
+def _global_grad(
+    query: Tensor, keys: Tensor, crop: Tensor, queue: Tensor, grad: Tensor, temperature: float
+) -> Tensor:
+    """dL_g/dquery (B, n_crops, d) given the upstream gradient grad (0-dim): only the chosen crops' rows,
+    (softmax(logits) - [positive]) . [positive; negatives] * grad / (B temperature)."""
+    B, n_crops, _ = query.shape
+    logits, positive, negatives = _global_logits(query, keys, crop, queue, temperature)
+    coef = logits.softmax(-1)
+    coef[:, 0] -= 1
+    grad_anchor = (coef[:, :1] * positive + coef[:, 1:] @ negatives) * (grad / (B * temperature))
+    chosen = crop[:, None] == torch.arange(
+        n_crops, device=crop.device
+    )  # one-hot (F.one_hot checks on the host)
+    return chosen[..., None] * grad_anchor[:, None, :]
+
+
+class _GlobalClosedForm(torch.autograd.Function):
+    """L_g (see GlobalLoss) with its gradient to the query in closed form, each direction one CUDA graph on
+    GPUs (the keys and the queue are constants)."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, keys: Tensor, crop: Tensor, queue: Tensor, temperature: float) -> Tensor:
+        """query, keys (B, n_crops, d), crop (B,) int64, queue (n, d) -> 0-dim loss."""
+        ctx.save_for_backward(query, keys, crop, queue)
+        ctx.temperature = temperature
+        loss = functools.partial(_global_loss, temperature=temperature)
+        inputs = (query, keys, crop, queue)
+        return _replayed(f"l_g forward {temperature!r}", loss, inputs, query.new_empty(()))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        query, keys, crop, queue = ctx.saved_tensors
+        grad_query = functools.partial(_global_grad, temperature=ctx.temperature)
+        inputs = (query, keys, crop, queue, grad)
+        out = torch.empty_like(query)
+        return _replayed(f"l_g backward {ctx.temperature!r}", grad_query, inputs, out), None, None, None, None
+
+
 class GlobalLoss(nn.Module):
     """L_g: global InfoNCE with a FIFO queue (docs/method.md, section 5), as the official code computes it.
 
@@ -362,7 +422,8 @@ class GlobalLoss(nn.Module):
         L = mean_b cross_entropy([x_b.y_b, x_b.negatives] / temperature, target 0)
     Dot products of unnormalised embeddings (official); the keys are constants. After the loss, the positives
     enter the queue (``update_queue``). The queue starts as random unit rows (official).
-    No kernel op in this term; ``ops`` is accepted for a uniform interface.
+    No kernel op in this term: "reference" is autograd through these formulas, "fused" the same value with
+    the gradient in closed form (_GlobalClosedForm).
     """
 
     queue: Tensor
@@ -370,7 +431,7 @@ class GlobalLoss(nn.Module):
 
     def __init__(self, ops: str, dim: int, temperature: float = 0.9, queue_size: int = 90):
         super().__init__()
-        check_choice("ops", ops, OPS)
+        self.ops = check_choice("ops", ops, OPS)
         self.temperature = check_positive("temperature", temperature)
         self.queue_size = check_int("queue_size", queue_size, 0)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, check_int("dim", dim, 1)), dim=1))
@@ -389,14 +450,12 @@ class GlobalLoss(nn.Module):
         crop = torch.randint(n_crops, (B,), generator=generator, device=generator.device)
         if crop.device != query.device:  # pinned: a copy from pageable memory would wait for the GPU's queue
             crop = (crop.pin_memory() if query.is_cuda else crop).to(query.device, non_blocking=True)
-        volume = torch.arange(B, device=query.device)
-        anchor, positive = query[volume, crop], keys[volume, crop]  # (B, d)
-        others = torch.arange(n_crops - 1, device=query.device).expand(B, -1)
-        others = others + (others >= crop[:, None])  # (B, n_crops - 1): each volume's other crops, in order
-        unchosen = keys.gather(1, others[..., None].expand(-1, -1, keys.shape[-1]))  # no host sync
-        negatives = torch.cat([unchosen.flatten(0, 1), self.queue.to(keys.dtype)])  # (B*(n_crops-1)+queue, d)
-        logits = torch.cat([(anchor * positive).sum(-1, keepdim=True), anchor @ negatives.T], 1)
-        loss = F.cross_entropy(logits / self.temperature, logits.new_zeros(B, dtype=torch.long))
+        if self.ops == "fused":  # the queue is copied: update_queue changes it in place before the backward
+            loss = _GlobalClosedForm.apply(query, keys, crop, self.queue.clone(), self.temperature)
+            positive = keys[torch.arange(B, device=keys.device), crop]
+        else:
+            logits, positive, _ = _global_logits(query, keys, crop, self.queue, self.temperature)
+            loss = F.cross_entropy(logits, logits.new_zeros(B, dtype=torch.long))
         self.update_queue(positive)
         return loss
 
