@@ -36,9 +36,8 @@ def _kernel_op(ops: str, name: str):
     return getattr(reference, name)
 
 
-def _positive_weights(q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
-    """Check the token-loss inputs; return the positive mask as 0/1 weights (B, 1, N, N) in q's dtype
-    (shared by the Z layers of a volume, broadcast rather than copied)."""
+def _check_token_inputs(q: Tensor, k: Tensor, truth: Tensor) -> None:
+    """Shapes of the token-loss inputs: q, k (B, Z, N, d), truth (B, N, N)."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(
             f"q and k must be (B, Z, N, d) of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
@@ -48,6 +47,12 @@ def _positive_weights(q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
         raise ValueError(
             f"truth must be (B, N, N) = {(B, N, N)} for q {tuple(q.shape)}, got {tuple(truth.shape)}"
         )
+
+
+def _positive_weights(q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
+    """Check the token-loss inputs; return the positive mask as 0/1 weights (B, 1, N, N) in q's dtype
+    (shared by the Z layers of a volume, broadcast rather than copied)."""
+    _check_token_inputs(q, k, truth)
     return (truth > 0.5).to(q.dtype)[:, None]
 
 
@@ -325,7 +330,7 @@ class NCLoss(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, truth: Tensor) -> Tensor:
         """q, k (B, Z, N, d), truth (B, N, N) -> scalar."""
-        _positive_weights(q, k, truth)  # shape checks
+        _check_token_inputs(q, k, truth)
         B, Z, N, d = q.shape
         matched = truth > 0.5  # (B, N, N)
         valid = matched.any(-1)  # (B, N): source row i has a teacher partner
