@@ -1,6 +1,7 @@
 """The S2DC training loop and its command line: metrics, checkpoints, resume after SIGKILL, fused vs
 reference ops, bad input. Tiny geometry (2 x 2 crops of 8^3 voxels, 16 tokens per z-layer): fast runs."""
 
+import copy
 import json
 import os
 import signal
@@ -166,6 +167,33 @@ def test_a_diverged_loss_stops_the_run_before_the_update_and_keeps_the_checkpoin
     with pytest.raises(RunError, match="step 3: the encoders' outputs are not finite: training diverged"):
         train(parse_args(run_args(out, "--steps", "4", "--save-every", "1", "--resume")))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def same_state(a, b) -> bool:
+    """Equal nested state: tensors bit for bit, containers entry by entry."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_a_diverged_step_leaves_model_optimizer_and_schedule_untouched(tmp_path, monkeypatch):
+    trainer = Trainer(parse_args(run_args(tmp_path / "run", "--steps", "4")))
+    trainer.step()
+    before = copy.deepcopy((trainer.model.state_dict(), trainer.teacher.module.state_dict()))
+    optimizer, schedule = copy.deepcopy(trainer.optimizer.state_dict()), trainer.scheduler.state_dict()
+    from s2dc_kernels.train.losses import P2SLoss
+
+    forward = P2SLoss.forward
+    monkeypatch.setattr(P2SLoss, "forward", lambda *args, **kwargs: forward(*args, **kwargs) * float("nan"))
+    with pytest.raises(RunError, match="step 2: the loss is nan"):
+        trainer.step()
+    after = (trainer.model.state_dict(), trainer.teacher.module.state_dict())
+    assert same_state(before, after) and same_state(optimizer, trainer.optimizer.state_dict())
+    assert trainer.scheduler.state_dict() == schedule and trainer.step_count == 1
 
 
 def test_resume_without_a_checkpoint_or_with_another_geometry_is_an_error(tmp_path):

@@ -141,23 +141,23 @@ class Trainer:
             raise self._diverged("the encoders' outputs are not finite")
 
         # The loss path in fp32 (the OT and similarity kernels take fp32/fp64 inputs), forward and backward
-        # down to the encoder's outputs. The ops' input scans (host syncs) are off: the encoder outputs were
-        # checked above, the loss is checked once.
+        # down to the encoder's outputs, taken as detached leaves (their gradients are then the loss path's
+        # alone, whatever the encoder shares between tokens and pooled rows). The ops' input scans (host
+        # syncs) are off: the encoder outputs were checked above, the loss is checked once.
         terms = {}
+        tokens, pooled = (t.detach().requires_grad_() for t in (student_tokens, student_pooled))
         with value_checks(False):
             if self.weights["p2p"] > 0 or self.weights["p2s"] > 0:  # their shared q k^T, computed once
-                scores = token_scores(student_tokens, teacher_tokens)
+                scores = token_scores(tokens, teacher_tokens)
             for term in ("p2p", "p2s"):
                 if self.weights[term] > 0:
-                    term_loss = self.losses[term]
-                    terms[term] = term_loss(student_tokens, teacher_tokens, views.truth, scores=scores)
+                    terms[term] = self.losses[term](tokens, teacher_tokens, views.truth, scores=scores)
             if self.weights["nc"] > 0:
-                terms["nc"] = self.losses["nc"](student_tokens, teacher_tokens, views.truth)
+                terms["nc"] = self.losses["nc"](tokens, teacher_tokens, views.truth)
             if use_global:
-                terms["g"] = self.losses["g"](student_pooled, teacher_keys, self.generator)
+                terms["g"] = self.losses["g"](pooled, teacher_keys, self.generator)
             loss = sum(self.weights[t] * value for t, value in terms.items())
-            student = [t for t in (student_tokens, student_pooled) if t.requires_grad]
-            grads = torch.autograd.grad(loss, student, allow_unused=True)
+            grads = torch.autograd.grad(loss, (tokens, pooled), allow_unused=True)
         self._sync()
         loss_done = time.perf_counter()
         if not torch.isfinite(loss):
@@ -165,7 +165,7 @@ class Trainer:
             raise self._diverged(f"the loss is {loss.item()} ({values})")
 
         self.optimizer.zero_grad(set_to_none=True)
-        used = [(t, g) for t, g in zip(student, grads, strict=True) if g is not None]
+        used = [(t, g) for t, g in zip((student_tokens, student_pooled), grads, strict=True) if g is not None]
         torch.autograd.backward([t for t, _ in used], [g for _, g in used])  # the encoders' backward
         if self.args.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
