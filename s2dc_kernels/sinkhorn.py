@@ -356,7 +356,7 @@ def _knopp_fused_unsupported(backend: str, logits: Tensor, process_group) -> str
     if logits.requires_grad and torch.is_grad_enabled():
         return "logits that require grad are not supported (use backend='torch', or detach the logits)"
     if backend == "triton" and logits.numel() >= 2**31:
-        return f"logits of {logits.numel()} entries exceed the kernel's int32 indexing"
+        return f"logits of {logits.numel()} entries (>= 2^31) are untested with the Triton kernels"
     return None
 
 

@@ -667,7 +667,8 @@ def sinkhorn_split_backward_col_kernel(
 # temporary beyond Q. SwAV's initial normalisation by the total mass is a constant shift of L that the first
 # column update removes. With few samples (B = 256: 16 row blocks) the row half-step also splits the
 # prototypes into chunks across the grid, each writing its partial LSE to a (chunks, B) scratch that a small
-# merge launch reduces, so that the GPU is filled. Offsets are int64 (B * K may pass 2^31).
+# merge launch reduces, so that the GPU is filled. Offsets are int64 (B * K may pass 2^31; the public op still
+# refuses such sizes until they have run on a GPU).
 
 
 @triton.jit(do_not_specialize=["log2_n_bits", "scale_bits"])
@@ -976,17 +977,21 @@ KNOPP_ROW_BLOCK = 16  # samples per program of the row half-step (16 x 128 fp32 
 
 
 def knopp_row_chunks(B: int, K: int, device: torch.device) -> int:
-    """Prototypes per chunk of the Sinkhorn-Knopp row half-step: all K where the B / 16 row blocks fill the
-    GPU (4 programs per multiprocessor), else chunks of whole 128-column tiles, at least 8 tiles each, so
-    that row blocks x chunks do. ``S2DC_KNOPP_ROW_CHUNKS`` forces a number of chunks (tests, benchmarks)."""
+    """Prototypes per chunk of the Sinkhorn-Knopp row half-step: all K where the B / 16 row blocks are at
+    least one per multiprocessor (as measured from B = 5000 on an H200), else chunks of whole 128-column
+    tiles, at least 8 tiles each, so that row blocks x chunks make 4 programs per multiprocessor.
+    ``S2DC_KNOPP_ROW_CHUNKS`` forces a number of chunks (tests, benchmarks)."""
     forced = os.environ.get("S2DC_KNOPP_ROW_CHUNKS")
     if forced is not None:
         n_chunks = max(1, int(forced))
     elif device.type != "cuda":
         return K
     else:
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        n_chunks = min(triton.cdiv(programs, triton.cdiv(B, KNOPP_ROW_BLOCK)), triton.cdiv(K, 8 * 128))
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        row_blocks = triton.cdiv(B, KNOPP_ROW_BLOCK)
+        if row_blocks >= n_sm:
+            return K
+        n_chunks = min(triton.cdiv(4 * n_sm, row_blocks), triton.cdiv(K, 8 * 128))
     if n_chunks <= 1:
         return K
     return triton.cdiv(triton.cdiv(K, n_chunks), 128) * 128
