@@ -459,9 +459,14 @@ def test_launch_graphs_replay_and_stay_bounded():
         graphs.run(("double",), launch, (x,), (out,))
         torch.testing.assert_close(out, 2 * x + 1)
         assert len(graphs.graphs) == (call >= 1)
-    for size in range(1, 200):
+    for size in range(1, 200):  # captured (second call): at most _GRAPH_CACHE_SIZE graphs kept
         for _ in range(2):
             x, out = torch.randn(size, device="cuda"), torch.empty(size, device="cuda")
             graphs.run(("double",), launch, (x,), (out,))
             torch.testing.assert_close(out, 2 * x + 1)
-    assert len(graphs.graphs) <= _GRAPH_CACHE_SIZE and len(graphs.seen) <= 4 * _GRAPH_CACHE_SIZE
+    assert len(graphs.graphs) == _GRAPH_CACHE_SIZE and not graphs.seen
+    for size in range(200, 400):  # seen once each: at most 4 * _GRAPH_CACHE_SIZE remembered
+        x, out = torch.randn(size, device="cuda"), torch.empty(size, device="cuda")
+        graphs.run(("double",), launch, (x,), (out,))
+        torch.testing.assert_close(out, 2 * x + 1)
+    assert len(graphs.seen) == 4 * _GRAPH_CACHE_SIZE and len(graphs.graphs) == _GRAPH_CACHE_SIZE
