@@ -163,11 +163,16 @@ def check_tensor(name: str, t: object, ndims: Sequence[int], *, finite: bool = T
     if t.dim() not in ndims:
         want = " or ".join(str(n) for n in ndims)
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
-    if finite and check_values() and t.numel():
-        # One pass, no bool temporary (NaN and inf propagate into the min or max), one host copy: 3 ops.
-        if not all(map(math.isfinite, torch.stack(torch.aminmax(t.detach())).tolist())):
-            raise ValueError(f"{name} contains NaN or inf")
+    if finite and check_values() and t.numel() and not all_finite(t):
+        raise ValueError(f"{name} contains NaN or inf")
     return t
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of the (non-empty, same-dtype) tensors is finite: one aminmax pass per tensor, no
+    bool temporary (NaN and inf propagate into the min or max), one host copy of all the bounds."""
+    bounds = torch.stack([bound for t in tensors for bound in torch.aminmax(t.detach())])
+    return all(map(math.isfinite, bounds.tolist()))
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:

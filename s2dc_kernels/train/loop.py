@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._utils import value_checks
+from .._utils import all_finite, value_checks
 from .data import Geometry, Views, VolumeDataset, bundled_volumes, collate, find_volumes
 from .losses import GlobalLoss, NCLoss, P2PLoss, P2SLoss, token_scores
 from .model import EMATeacher, S2DCModel
@@ -137,7 +137,7 @@ class Trainer:
             outputs.append(teacher_tokens)
         if use_global:
             outputs.append(teacher_keys)
-        if not _all_finite(outputs):  # the kernels below take them unscanned
+        if not all_finite(*outputs):  # fp32 (see _encode); the kernels below take them unscanned
             raise self._diverged("the encoders' outputs are not finite")
 
         # The loss path in fp32 (the OT and similarity kernels take fp32/fp64 inputs), forward and backward
@@ -219,13 +219,6 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count = state["step"]
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry is finite: one aminmax pass per tensor (NaN and inf propagate into the bounds) and
-    one host copy of all the bounds."""
-    bounds = torch.stack([bound.float() for t in tensors for bound in torch.aminmax(t.detach())])
-    return all(map(math.isfinite, bounds.tolist()))
 
 
 def _plain_args(args: argparse.Namespace) -> dict:
