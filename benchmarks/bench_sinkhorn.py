@@ -12,11 +12,11 @@ solver with its defaults: tf32 products, autotuned; problems one after another) 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import math
 import os
+from unittest import mock
 
 import harness
 import torch
@@ -152,18 +152,7 @@ def with_triton_regime(regime: str, fn):
     """fn with Triton's Sinkhorn regime forced ("program" or "split"; see use_split_regime) around the whole
     timed call, backward included (harness ``context``)."""
 
-    @contextlib.contextmanager
-    def context():
-        previous = os.environ.get("S2DC_TRITON_SINKHORN_REGIME")
-        os.environ["S2DC_TRITON_SINKHORN_REGIME"] = regime
-        try:
-            yield
-        finally:
-            if previous is None:
-                del os.environ["S2DC_TRITON_SINKHORN_REGIME"]
-            else:
-                os.environ["S2DC_TRITON_SINKHORN_REGIME"] = previous
-
+    context = functools.partial(mock.patch.dict, os.environ, {"S2DC_TRITON_SINKHORN_REGIME": regime})
     return harness.provider(fn, context=context)
 
 

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import harness
 import torch
@@ -75,17 +76,9 @@ def term_inputs_of(inputs: Callable, part: slice, device: torch.device) -> tuple
 @contextlib.contextmanager
 def trained_with(backend: str) -> Iterator[None]:
     """As the training loop runs the losses: value_checks(False) (it checks the loss once); with
-    S2DC_BACKEND=backend unless "auto" (the ops that implement it take it)."""
-    previous = os.environ.get("S2DC_BACKEND")
-    os.environ["S2DC_BACKEND"] = backend
-    try:
-        with s2dc_kernels.value_checks(False):
-            yield
-    finally:
-        if previous is None:
-            del os.environ["S2DC_BACKEND"]
-        else:
-            os.environ["S2DC_BACKEND"] = previous
+    S2DC_BACKEND=backend (the ops that implement it take it; "auto": each op's own choice)."""
+    with mock.patch.dict(os.environ, {"S2DC_BACKEND": backend}), s2dc_kernels.value_checks(False):
+        yield
 
 
 def as_trained(fn: Callable, backend: str = "auto") -> Callable:
